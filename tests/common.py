@@ -1,0 +1,95 @@
+"""Shared builders for the offline test-suite: a GPT-NeoX-style byte-level BPE tokenizer trained on the spot, and
+tiny OmniMamba configurations whose special-token ids follow from that tokenizer exactly as the released model's
+follow from GPT-NeoX-20B (ORIGINAL-SPEC §1.4)."""
+
+from __future__ import annotations
+
+import functools
+
+from omnimamba_hf.modeling.configuration_omnimamba import OmniMambaConfig, token_ids_for_base_vocab
+
+CORPUS = [
+    "USER: What digit is this? ASSISTANT: seven",
+    "USER: Please describe it in detail. ASSISTANT: a handwritten digit on a dark background.",
+    "In: What is shown?\nOut: a cat sitting next to a dog",
+    "a handwritten zero one two three four five six seven eight nine",
+    "A photo of a red bicycle leaning against a wall.",
+    "The quick brown fox jumps over the lazy dog. 0123456789",
+]
+
+
+@functools.lru_cache(maxsize=None)
+def base_tokenizer_json(vocab_size: int = 300) -> str:
+    """A byte-level BPE like GPT-NeoX-20B's: `<|endoftext|>` = 0, `<|padding|>` = 1, no BOS/EOS added."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        special_tokens=["<|endoftext|>", "<|padding|>"],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    tok.train_from_iterator(CORPUS * 4, trainer=trainer)
+    return tok.to_str()
+
+
+def make_base_tokenizer(vocab_size: int = 300):
+    """A `PreTrainedTokenizerFast` standing in for `EleutherAI/gpt-neox-20b` (same special tokens, same behaviour)."""
+    from tokenizers import Tokenizer
+    from transformers import PreTrainedTokenizerFast
+
+    return PreTrainedTokenizerFast(
+        tokenizer_object=Tokenizer.from_str(base_tokenizer_json(vocab_size)),
+        bos_token="<|endoftext|>",
+        eos_token="<|endoftext|>",
+        unk_token="<|endoftext|>",
+    )
+
+
+def tiny_config(base_vocab_size: int | None = None, **overrides) -> OmniMambaConfig:
+    """2 Mamba-2 layers of width 32, 2-block vision towers on 28-px images (2×2 = 4 patches), a 2-level VQ with a
+    4×4 grid over 64-codes, short position tables. Token ids are derived from the tiny tokenizer's size."""
+    if base_vocab_size is None:
+        base_vocab_size = len(make_base_tokenizer())
+    ids = token_ids_for_base_vocab(base_vocab_size)
+    text_vocab = ids.pop("text_vocab_size")
+    for unused in ("soc_token_id", "eoc_token_id", "lvg_token_id"):
+        ids.pop(unused)
+    kwargs = dict(
+        text_config={
+            "hidden_size": 32,
+            "num_hidden_layers": 2,
+            "num_heads": 4,
+            "head_dim": 16,
+            "state_size": 8,
+            "chunk_size": 8,
+            "vocab_size": text_vocab,
+            "pad_token_id": ids["pad_token_id"],
+        },
+        vision_config={
+            "dino_config": {"hidden_size": 16, "num_hidden_layers": 3, "num_attention_heads": 2, "image_size": 28, "patch_size": 14},
+            "siglip_config": {"hidden_size": 24, "intermediate_size": 40, "num_hidden_layers": 3, "num_attention_heads": 2, "image_size": 28, "patch_size": 14},
+        },
+        vq_config={
+            "embed_dim": 4,
+            "num_embeddings": 64,
+            "latent_channels": 16,
+            "base_channels": 32,
+            "channel_multiplier": [1, 2],
+            "num_res_blocks": 1,
+            "num_patches": 4,
+            "image_size": 8,
+        },
+        projector_intermediate_size=48,
+        image_embedding_intermediate_size=48,
+        num_image_tokens=4,
+        mmu_max_position_embeddings=64,
+        t2i_caption_length=6,
+        t2i_max_position_embeddings=6 + 4 + 16 + 1,
+        **ids,
+    )
+    kwargs.update(overrides)
+    return OmniMambaConfig(**kwargs)
