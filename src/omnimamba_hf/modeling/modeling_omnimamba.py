@@ -28,7 +28,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 from torch import nn
-from transformers import GenerationMixin, PreTrainedModel
+from transformers import PreTrainedModel
 from transformers import initialization as init
 from transformers.cache_utils import Cache, DynamicCache
 from transformers.modeling_layers import GradientCheckpointingLayer
@@ -36,6 +36,7 @@ from transformers.utils import ModelOutput, can_return_tuple
 from transformers.utils.import_utils import is_torchdynamo_compiling
 
 from .configuration_omnimamba import OmniMambaConfig
+from .generation_omnimamba import OmniMambaGenerationMixin, omnimamba_generation_config
 from .mixer_omnimamba import TASKS, OmniMambaMixer, OmniMambaRMSNorm, OmniMambaTaskAdapter, TaskRoute
 from .vision_omnimamba import OmniMambaVisionModel
 from .vq_omnimamba import OmniMambaVQVAE
@@ -463,7 +464,7 @@ def _shifted_cross_entropy(logits: torch.Tensor, labels: torch.Tensor) -> torch.
     return F.cross_entropy(logits.reshape(-1, logits.shape[-1]), labels.reshape(-1), ignore_index=-100)
 
 
-class OmniMambaForConditionalGeneration(OmniMambaPreTrainedModel, GenerationMixin):
+class OmniMambaForConditionalGeneration(OmniMambaPreTrainedModel, OmniMambaGenerationMixin):
     r"""
     OmniMamba with its two output heads: `lm_head` (text, tied to the text embedding) and `image_head` (VQ codes, tied
     to the raw image-code table). `generate()` produces text (MMU); `generate(..., generation_mode="image")` produces
@@ -490,6 +491,7 @@ class OmniMambaForConditionalGeneration(OmniMambaPreTrainedModel, GenerationMixi
         self.lm_head = nn.Linear(hidden, config.text_vocab_size, bias=False)
         self.image_head = nn.Linear(hidden, config.image_vocab_size, bias=False)
         self.post_init()
+        self.generation_config = omnimamba_generation_config(config)
 
     def get_output_embeddings(self):
         return self.lm_head

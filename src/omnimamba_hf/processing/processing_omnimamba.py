@@ -174,8 +174,9 @@ class OmniMambaProcessor(ProcessorMixin):
     def prepare_inputs_layout(self, images=None, text=None, videos=None, audio=None, **kwargs):
         """Bring every MMU sample to `<|mmu|><image><|sot|>…` with exactly one `<image>`, and return one image entry
         per sample (`None` for a text-only sample)."""
-        if text is None:
-            return (None if images is None else self.image_processor.fetch_images(images)), None, videos, audio
+        if text is None:  # images only: pixel_values without text
+            images = None if images is None else self.image_processor._prepare_images_structure(images)
+            return images, None, videos, audio
         texts = [text] if isinstance(text, str) else list(text)
         if not all(isinstance(t, str) for t in texts):
             raise ValueError("`text` must be a string or a list of strings.")

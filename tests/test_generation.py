@@ -1,0 +1,220 @@
+"""generate() for both tasks against a step-by-step re-implementation of the original decode loop (ORIGINAL-SPEC §5),
+batched == unbatched, streaming, constant-size cache, position-table guards, guidance off == plain."""
+
+import pytest
+import torch
+from transformers import DynamicCache, TextStreamer
+
+from common import make_base_tokenizer, tiny_config
+from omnimamba_hf import OmniMambaForConditionalGeneration
+from omnimamba_hf.processing.tokenization_omnimamba import build_omnimamba_tokenizer
+
+
+@pytest.fixture(scope="module")
+def config():
+    return tiny_config()
+
+
+@pytest.fixture(scope="module")
+def model(config):
+    torch.manual_seed(0)
+    m = OmniMambaForConditionalGeneration(config).eval()
+    g = torch.Generator().manual_seed(1)
+    with torch.no_grad():  # random adapters and position tables so that task/position routing matters
+        for name, p in m.named_parameters():
+            if "task_adapters" in name or "position_embeddings" in name:
+                p.copy_(torch.randn(p.shape, generator=g) * 0.3)
+    return m
+
+
+def mmu_prompt(c, prompt):
+    return [c.mmu_token_id, c.soi_token_id] + [c.image_token_id] * c.num_image_tokens + [
+        c.eoi_token_id,
+        c.sot_token_id,
+        *prompt,
+    ]
+
+
+def t2i_prompt(c, caption):
+    slots = [c.pad_token_id] * (c.t2i_caption_length - len(caption)) + list(caption)
+    return [c.t2i_token_id, c.sot_token_id, *slots, c.eot_token_id, c.soi_token_id]
+
+
+def pixels(seed):
+    return torch.randn(1, 2, 3, 28, 28, generator=torch.Generator().manual_seed(seed))
+
+
+# ---- the original decode loop (spec §5.1, §5.7), written against the model's submodules ---------------------------
+
+
+def original_decode(model, task, ids, image=None, max_length=None, eos=None):
+    """First step from the full embedding sequence (image features inserted after `<|mmu|><|soi|>` by concatenation,
+    the original's `mmu_multi_ids2embed`), later steps from one id at position `seqlen_offset`; greedy argmax over
+    all head columns; stop when every row produced eos or when seqlen_offset >= max_length - 1."""
+    m = model.model
+    lm = m.language_model
+    c = model.config
+    with torch.no_grad():
+        if task == "mmu":
+            emb = lm.embeddings(ids)
+            feats = m.projector(m.vision_model(image))
+            text_ids = torch.cat([ids[:, :2], ids[:, 2 + c.num_image_tokens :]], dim=1)
+            emb_text = lm.embeddings(text_ids)
+            emb = torch.cat([emb_text[:, :2], feats, emb_text[:, 2:]], dim=1)
+            emb = emb + m.mmu_position_embeddings[:, : emb.shape[1]]
+            head, table, embed_one = model.lm_head, m.mmu_position_embeddings[0], lm.embeddings
+        else:
+            emb = m.caption_mlp(lm.embeddings(ids)) + m.t2i_position_embeddings[:, : ids.shape[1]]
+            head, table = model.image_head, m.t2i_position_embeddings[0]
+            embed_one = m.image_embeddings
+        cache = DynamicCache(config=c.get_text_config(decoder=True))
+        hidden, _ = lm(emb, task, cache)
+        seqlen_offset = emb.shape[1]
+        generated = []
+        token = head(hidden[:, -1]).argmax(-1)
+        generated.append(token)
+        while True:
+            if eos is not None and bool((token == eos).all()):
+                break
+            if seqlen_offset >= max_length - 1:
+                break
+            step = embed_one(token)[:, None] + table[seqlen_offset][None, None]
+            hidden, _ = lm(step, task, cache)
+            seqlen_offset += 1
+            token = head(hidden[:, -1]).argmax(-1)
+            generated.append(token)
+    return torch.stack(generated, dim=1)
+
+
+def test_greedy_t2i_equals_original_loop(model, config):
+    ids = torch.tensor([t2i_prompt(config, (8, 9, 10))])
+    ours = model.generate(ids, generation_mode="image")
+    # the original: max_length = num_tokens + prompt length, so exactly num_tokens tokens
+    ref = original_decode(model, "t2i", ids, max_length=config.num_generated_image_tokens + ids.shape[1])
+    assert ours.shape == (1, config.num_generated_image_tokens)
+    assert torch.equal(ours - config.text_vocab_size, ref)
+    pixels_out = model.decode_image_tokens(ours)
+    assert pixels_out.shape == (1, 3, config.vq_config.image_size, config.vq_config.image_size)
+
+
+def test_greedy_mmu_equals_original_loop(model, config):
+    ids = torch.tensor([mmu_prompt(config, (5, 6, 7))])
+    image = pixels(3)
+    # the original's max_length counts image slots; our default length = as long as the position table allows
+    ref = original_decode(model, "mmu", ids, image, max_length=config.mmu_max_position_embeddings + 1, eos=0)
+    ours = model.generate(ids, pixel_values=image)
+    assert torch.equal(ours[:, ids.shape[1] :], ref)
+    # the default stops exactly at the end of the position table (never past it)
+    if not bool((ref == 0).any()):
+        assert ours.shape[1] == config.mmu_max_position_embeddings + 1
+
+
+def test_mmu_stops_at_eos(model, config):
+    ids = torch.tensor([mmu_prompt(config, (5, 6, 7))])
+    first = int(model.generate(ids, pixel_values=pixels(3), max_new_tokens=1)[0, -1])
+    out = model.generate(ids, pixel_values=pixels(3), max_new_tokens=5, eos_token_id=first)
+    assert out.shape[1] == ids.shape[1] + 1 and int(out[0, -1]) == first
+
+
+def test_incremental_scores_equal_recomputation(model, config):
+    ids = torch.tensor([mmu_prompt(config, (5, 6, 7))])
+    out = model.generate(ids, pixel_values=pixels(4), max_new_tokens=6, return_dict_in_generate=True, output_logits=True)
+    full = model(input_ids=out.sequences, pixel_values=pixels(4)).logits
+    for k, step_logits in enumerate(out.logits):
+        torch.testing.assert_close(step_logits[0], full[0, ids.shape[1] - 1 + k], rtol=1e-4, atol=1e-4)
+    t2i = torch.tensor([t2i_prompt(config, (8, 9))])
+    res = model.generate(t2i, generation_mode="image", return_dict_in_generate=True, output_logits=True)
+    seq = torch.cat([t2i, res.sequences[:, :-1]], dim=1)
+    full = model(input_ids=seq, task="t2i").logits
+    for k, step_logits in enumerate(res.logits):
+        torch.testing.assert_close(step_logits[0], full[0, t2i.shape[1] - 1 + k], rtol=1e-4, atol=1e-4)
+
+
+def test_batched_left_padded_mmu_equals_unbatched(model, config):
+    a, b = mmu_prompt(config, (5, 6)), mmu_prompt(config, (5, 6, 7, 8, 9, 10))
+    pad = len(b) - len(a)
+    ids = torch.tensor([[config.pad_token_id] * pad + a, b])
+    mask = torch.tensor([[0] * pad + [1] * len(a), [1] * len(b)])
+    px = torch.cat([pixels(1), pixels(2)])
+    batched = model.generate(ids, attention_mask=mask, pixel_values=px, max_new_tokens=8, eos_token_id=None)
+    one = model.generate(torch.tensor([a]), pixel_values=pixels(1), max_new_tokens=8, eos_token_id=None)
+    two = model.generate(torch.tensor([b]), pixel_values=pixels(2), max_new_tokens=8, eos_token_id=None)
+    assert torch.equal(batched[0, pad:], one[0])
+    assert torch.equal(batched[1], two[0])
+
+
+def test_batched_t2i_equals_unbatched(model, config):
+    prompts = [t2i_prompt(config, (8, 9, 10)), t2i_prompt(config, (11,)), t2i_prompt(config, (12, 13, 14, 15, 16, 17))]
+    batched = model.generate(torch.tensor(prompts), generation_mode="image")
+    for row, p in enumerate(prompts):
+        assert torch.equal(batched[row], model.generate(torch.tensor([p]), generation_mode="image")[0])
+
+
+def test_guidance_scale_one_equals_plain_and_guidance_changes_output(model, config):
+    ids = torch.tensor([t2i_prompt(config, (8, 9, 10))])
+    plain = model.generate(ids, generation_mode="image")
+    assert torch.equal(model.generate(ids, generation_mode="image", guidance_scale=1.0), plain)
+    guided = model.generate(ids, generation_mode="image", guidance_scale=5.0, return_dict_in_generate=True, output_logits=True)
+    assert guided.sequences.shape == plain.shape
+    assert int(guided.sequences.min()) >= config.text_vocab_size
+
+
+def test_t2i_sampling_is_seeded_and_in_range(model, config):
+    ids = torch.tensor([t2i_prompt(config, (8, 9, 10))] * 2)
+    torch.manual_seed(0)
+    a = model.generate(ids, generation_mode="image", do_sample=True, top_k=8, top_p=0.9, temperature=0.8)
+    torch.manual_seed(0)
+    b = model.generate(ids, generation_mode="image", do_sample=True, top_k=8, top_p=0.9, temperature=0.8)
+    assert torch.equal(a, b)
+    V = config.text_vocab_size
+    assert bool(((a >= V) & (a < V + config.image_vocab_size)).all())
+
+
+def test_streaming_yields_the_same_text(model, config):
+    tokenizer = build_omnimamba_tokenizer(make_base_tokenizer())
+
+    class Collect(TextStreamer):
+        def __init__(self, tok):
+            super().__init__(tok, skip_prompt=True)
+            self.text = ""
+
+        def on_finalized_text(self, text, stream_end=False):
+            self.text += text
+
+    ids = torch.tensor([mmu_prompt(config, (5, 6, 7))])
+    streamer = Collect(tokenizer)
+    out = model.generate(ids, pixel_values=pixels(5), max_new_tokens=10, streamer=streamer)
+    assert streamer.text == tokenizer.decode(out[0, ids.shape[1] :])
+
+
+def test_cache_size_is_independent_of_generated_length(model, config):
+    ids = torch.tensor([mmu_prompt(config, (5, 6, 7))])
+
+    def cache_bytes(n):
+        out = model.generate(ids, pixel_values=pixels(6), max_new_tokens=n, eos_token_id=None, return_dict_in_generate=True)
+        cache = out.cache_params if hasattr(out, "cache_params") and out.cache_params is not None else out.past_key_values
+        tensors = [t for layer in cache.layers for t in (*layer.conv_states.values(), *layer.recurrent_states.values())]
+        return sum(t.numel() * t.element_size() for t in tensors)
+
+    sizes = {n: cache_bytes(n) for n in (2, 10, 40)}
+    assert len(set(sizes.values())) == 1, sizes
+    text = config.text_config
+    per_layer = (text.num_heads * text.head_dim + 2 * text.n_groups * text.state_size) * text.conv_kernel * 4 + (
+        text.num_heads * text.head_dim * text.state_size * 4
+    )
+    assert sizes[2] == per_layer * text.num_hidden_layers
+
+
+def test_position_table_guards(model, config):
+    ids = torch.tensor([mmu_prompt(config, (5, 6, 7))])
+    room = config.mmu_max_position_embeddings + 1 - ids.shape[1]
+    with pytest.raises(ValueError, match="leaves room for at most"):
+        model.generate(ids, pixel_values=pixels(1), max_new_tokens=room + 1)
+    with pytest.raises(ValueError, match="leaves room for at most"):
+        model.generate(ids, pixel_values=pixels(1), max_length=config.mmu_max_position_embeddings + 5)
+    assert model.generate(ids, pixel_values=pixels(1), max_new_tokens=room, eos_token_id=None).shape[1] == ids.shape[1] + room
+    long_prompt = torch.tensor([[5] * (config.t2i_max_position_embeddings - 10)])
+    with pytest.raises(ValueError, match="does not fit the T2I position table"):
+        model.generate(long_prompt, generation_mode="image")
+    with pytest.raises(ValueError, match="generation_mode"):
+        model.generate(ids, generation_mode="video")
