@@ -218,3 +218,67 @@ def test_position_table_guards(model, config):
         model.generate(long_prompt, generation_mode="image")
     with pytest.raises(ValueError, match="generation_mode"):
         model.generate(ids, generation_mode="video")
+
+
+# ---- the static-state decoder (the arithmetic of the CUDA-graph fast path, run eagerly on CPU) ----------------------
+
+
+def test_static_decoder_equals_eager_for_both_tasks(model, config):
+    model.reset_graph_decoders()
+    t2i = torch.tensor([t2i_prompt(config, (8, 9, 10)), t2i_prompt(config, (11, 12))])
+    eager = model.generate(t2i, generation_mode="image", decoder="eager", return_dict_in_generate=True, output_logits=True)
+    static = model.generate(t2i, generation_mode="image", decoder="static", return_dict_in_generate=True, output_logits=True)
+    assert torch.equal(eager.sequences, static.sequences)
+    for a, b in zip(eager.logits, static.logits):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+    a, b = mmu_prompt(config, (5, 6)), mmu_prompt(config, (5, 6, 7, 8, 9, 10))
+    pad = len(b) - len(a)
+    ids = torch.tensor([[config.pad_token_id] * pad + a, b])
+    mask = torch.tensor([[0] * pad + [1] * len(a), [1] * len(b)])
+    px = torch.cat([pixels(1), pixels(2)])
+    kw = dict(attention_mask=mask, pixel_values=px, max_new_tokens=12, return_dict_in_generate=True, output_logits=True)
+    eager = model.generate(ids, decoder="eager", **kw)
+    static = model.generate(ids, decoder="static", **kw)
+    assert torch.equal(eager.sequences, static.sequences)
+    for x, y in zip(eager.logits, static.logits):
+        torch.testing.assert_close(x, y, rtol=1e-5, atol=1e-5)
+    keys = {key[:2] for key in model.__dict__["_omnimamba_graph_decoders"]}
+    assert keys == {("t2i", 2), ("mmu", 2)}  # the static path really ran
+
+
+def test_static_decoder_sampling_and_eos_match_generation_mixin(model, config):
+    ids = torch.tensor([mmu_prompt(config, (5, 6, 7))] * 3)
+    px = torch.cat([pixels(1), pixels(2), pixels(3)])
+    kw = dict(pixel_values=px, max_new_tokens=15, do_sample=True, top_k=20, top_p=0.9, temperature=0.7, repetition_penalty=1.3)
+    torch.manual_seed(123)
+    eager = model.generate(ids, decoder="eager", **kw)
+    torch.manual_seed(123)
+    static = model.generate(ids, decoder="static", **kw)
+    assert torch.equal(eager, static)
+    # eos: rows that finish early are padded, generation stops when every row has finished
+    eos = int(eager[0, ids.shape[1] + 2])
+    torch.manual_seed(123)
+    eager = model.generate(ids, decoder="eager", eos_token_id=eos, **kw)
+    torch.manual_seed(123)
+    static = model.generate(ids, decoder="static", eos_token_id=eos, **kw)
+    assert torch.equal(eager, static)
+
+
+def test_static_decoder_streams_the_same_text(model, config):
+    tokenizer = build_omnimamba_tokenizer(make_base_tokenizer())
+    texts = []
+
+    class Collect(TextStreamer):
+        def on_finalized_text(self, text, stream_end=False):
+            texts.append(text)
+
+    ids = torch.tensor([mmu_prompt(config, (5, 6, 7))])
+    out = model.generate(ids, pixel_values=pixels(5), max_new_tokens=10, decoder="static", streamer=Collect(tokenizer, skip_prompt=True))
+    assert "".join(texts) == tokenizer.decode(out[0, ids.shape[1] :])
+
+
+def test_cuda_graph_decoder_needs_cuda(model, config):
+    if torch.cuda.is_available():
+        pytest.skip("has CUDA")
+    with pytest.raises(ValueError, match="CUDA"):
+        model.generate(torch.tensor([t2i_prompt(config, (8,))]), generation_mode="image", decoder="cuda_graph")

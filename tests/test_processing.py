@@ -357,7 +357,6 @@ def test_postprocess_and_multimodal_output():
     processor = OmniMambaImageProcessor()
     pixels = torch.tensor([-2.0, -1.0, -0.5, 0.0, 0.5, 1.0, 3.0]).reshape(1, 1, 1, 7).expand(2, 3, 1, 7).contiguous()
     expected = [0, 0, 64, 128, 191, 255, 255]  # clamp, (x + 1) / 2 * 255, round
-    assert [round((min(max(v, -1), 1) + 1) / 2 * 255) for v in (-2.0, -1.0, -0.5, 0.0, 0.5, 1.0, 3.0)][2:5] == [64, 128, 191]
     images = processor.postprocess(pixels)
     assert len(images) == 2 and images[0].size == (7, 1) and images[0].mode == "RGB"
     assert np.asarray(images[1])[0, :, 0].tolist() == expected

@@ -6,9 +6,14 @@ Defaults reproduce the original decoding (ORIGINAL-SPEC §5): greedy for both ta
 (temperature / top-k / top-p, applied to the 16384 image logits) and classifier-free guidance (`guidance_scale > 1`;
 not in the original, whose model was never trained with dropped captions).
 
+Decoders (`generate(..., decoder=...)`): "eager" runs every step through `forward` with a transformers `DynamicCache`;
+"cuda_graph" (the default on CUDA in eval mode: "auto") replays one compiled CUDA graph per step over static state
+buffers (`graph_decode_omnimamba.py`); "static" is the same static-buffer step without compilation or graph (any device;
+what the CPU tests use to check the fast path's arithmetic). The prefill is always eager.
+
 Position tables. An MMU sequence can hold `mmu_max_position_embeddings` (1500) positions, image slots included; the
 token sampled at the last position is never fed back, so at most `1500 + 1 - prompt_length` new tokens exist. The
-default generation config asks for exactly that ("as long as the table allows", `max_length = 1501`); an explicit
+default (no `max_new_tokens` / `max_length` anywhere) is exactly that: "as long as the table allows"; an explicit
 `max_new_tokens` / `max_length` past it raises a `ValueError` before any work (the original crashed mid-generation,
 spec §8 #10). T2I prompts must leave room for the 256 image tokens in the 329-row table.
 
@@ -22,11 +27,22 @@ from transformers import GenerationConfig, GenerationMixin
 from transformers.cache_utils import DynamicCache
 from transformers.generation import (
     LogitsProcessorList,
+    RepetitionPenaltyLogitsProcessor,
     TemperatureLogitsWarper,
     TopKLogitsWarper,
     TopPLogitsWarper,
 )
 from transformers.generation.utils import GenerateDecoderOnlyOutput
+
+from .graph_decode_omnimamba import OmniMambaGraphDecoder
+
+DECODERS = ("auto", "eager", "static", "cuda_graph")
+# generate() arguments the lean static/graph text loop implements; anything else goes through GenerationMixin.
+_STATIC_TEXT_ARGS = {
+    "input_ids", "attention_mask", "pixel_values", "image_flags", "max_new_tokens", "max_length", "do_sample",
+    "temperature", "top_k", "top_p", "repetition_penalty", "eos_token_id", "pad_token_id", "streamer",
+    "logits_processor", "return_dict_in_generate", "output_scores", "output_logits", "task", "use_cache",
+}  # fmt: skip
 
 
 def omnimamba_generation_config(config) -> GenerationConfig:
@@ -35,22 +51,41 @@ def omnimamba_generation_config(config) -> GenerationConfig:
         do_sample=False,
         eos_token_id=config.eos_token_id,
         pad_token_id=config.pad_token_id,
-        max_length=config.mmu_max_position_embeddings + 1,
+    )
+
+
+def _plain(generation_config) -> bool:
+    """True when the generation config asks for nothing beyond what the static text loop implements."""
+    g = generation_config
+    return (
+        (g.num_beams or 1) == 1
+        and not g.min_new_tokens
+        and not g.min_length
+        and not g.no_repeat_ngram_size
+        and not g.bad_words_ids
+        and not g.stop_strings
+        and g.forced_eos_token_id is None
+        and not g.output_hidden_states
+        and not g.output_attentions
     )
 
 
 class OmniMambaGenerationMixin(GenerationMixin):
     """`generate()` for both tasks. Mixed into `OmniMambaForConditionalGeneration`."""
 
-    def generate(self, inputs=None, generation_config=None, generation_mode: str = "text", **kwargs):
+    def generate(self, inputs=None, generation_config=None, generation_mode: str = "text", decoder: str = "auto", **kwargs):
         r"""
         generation_mode (`str`, defaults to `"text"`): `"text"` for MMU (image + text → text, all of transformers'
             generation features), `"image"` for T2I (prompt ids from `processor(text=..., generation_mode="image")` →
             `(batch, 256)` image-token ids, i.e. `text_vocab_size + code`; see `generate_image_tokens`).
+        decoder (`str`, defaults to `"auto"`): "auto", "eager", "static" or "cuda_graph" (see the module docstring).
+            Text generation uses the static/graph loop for greedy or sampled decoding (temperature, top-k, top-p,
+            repetition penalty, eos, streaming, scores); other features (beam search, …) run through GenerationMixin.
         """
+        decoder = self._resolve_decoder(decoder)
         if generation_mode == "image":
             input_ids = inputs if inputs is not None else kwargs.pop("input_ids", None)
-            return self.generate_image_tokens(input_ids, generation_config=generation_config, **kwargs)
+            return self.generate_image_tokens(input_ids, generation_config=generation_config, decoder=decoder, **kwargs)
         if generation_mode != "text":
             raise ValueError(f"generation_mode must be 'text' or 'image', got {generation_mode!r}.")
         if kwargs.get("task", "mmu") != "mmu":
@@ -58,7 +93,121 @@ class OmniMambaGenerationMixin(GenerationMixin):
         input_ids = inputs if inputs is not None else kwargs.get("input_ids")
         if input_ids is not None:
             self._check_text_length(input_ids.shape[-1], generation_config, kwargs)
+            gen = generation_config if generation_config is not None else self.generation_config
+            if decoder != "eager" and set(kwargs) <= _STATIC_TEXT_ARGS and kwargs.get("use_cache", True) and _plain(gen):
+                kwargs.pop("input_ids", None)
+                return self._generate_text_static(input_ids, generation_config, decoder, **kwargs)
         return super().generate(inputs, generation_config=generation_config, **kwargs)
+
+    def _resolve_decoder(self, decoder: str) -> str:
+        if decoder not in DECODERS:
+            raise ValueError(f"decoder must be one of {DECODERS}, got {decoder!r}.")
+        on_cuda = self.device.type == "cuda"
+        if decoder == "auto":
+            return "cuda_graph" if on_cuda and not self.training else "eager"
+        if decoder == "cuda_graph" and not on_cuda:
+            raise ValueError("decoder='cuda_graph' needs the model on a CUDA device; use 'static' or 'eager'.")
+        return decoder
+
+    def graph_decoder(self, task: str, batch_size: int, decoder: str = "cuda_graph") -> OmniMambaGraphDecoder:
+        """The cached static-state decoder for (task, batch size, dtype, device); built on first use."""
+        key = (task, batch_size, self.dtype, self.device, decoder)
+        decoders = self.__dict__.setdefault("_omnimamba_graph_decoders", {})
+        if key not in decoders:
+            graph = decoder == "cuda_graph"
+            decoders[key] = OmniMambaGraphDecoder(self, task, batch_size, compile=graph, use_graph=graph)
+        return decoders[key]
+
+    def reset_graph_decoders(self) -> None:
+        """Drop captured decoders (needed after replacing parameter tensors, e.g. `load_state_dict(assign=True)`)."""
+        self.__dict__.pop("_omnimamba_graph_decoders", None)
+
+    def _logits_processors(self, generation_config, logits_processor=None) -> LogitsProcessorList:
+        processors = LogitsProcessorList(logits_processor or [])
+        if generation_config.repetition_penalty is not None and generation_config.repetition_penalty != 1.0:
+            processors.append(RepetitionPenaltyLogitsProcessor(generation_config.repetition_penalty))
+        if generation_config.do_sample:
+            if generation_config.temperature is not None and generation_config.temperature != 1.0:
+                processors.append(TemperatureLogitsWarper(generation_config.temperature))
+            if generation_config.top_k:
+                processors.append(TopKLogitsWarper(generation_config.top_k))
+            if generation_config.top_p is not None and generation_config.top_p < 1.0:
+                processors.append(TopPLogitsWarper(generation_config.top_p))
+        return processors
+
+    @torch.no_grad()
+    def _generate_text_static(
+        self, input_ids, generation_config, decoder, attention_mask=None, pixel_values=None, image_flags=None,
+        logits_processor=None, streamer=None, **kwargs,
+    ):  # fmt: skip
+        """The MMU decode loop over the static/graph decoder (same results as GenerationMixin for the features it
+        implements: greedy/sampling, processors, eos with finished rows padded, max length, streaming, scores)."""
+        generation_config = copy.deepcopy(generation_config if generation_config is not None else self.generation_config)
+        kwargs.pop("task", None)
+        kwargs.pop("use_cache", None)
+        generation_config.update(**kwargs)
+        batch, prompt_length = input_ids.shape
+        if generation_config.max_new_tokens is not None:
+            max_new = generation_config.max_new_tokens
+        else:
+            max_new = generation_config.max_length - prompt_length
+        eos = generation_config.eos_token_id
+        eos = [] if eos is None else [eos] if isinstance(eos, int) else list(eos)
+        pad = generation_config.pad_token_id if generation_config.pad_token_id is not None else (eos[0] if eos else 0)
+        processors = self._logits_processors(generation_config, logits_processor)
+        if attention_mask is None:
+            attention_mask = torch.ones_like(input_ids)
+        position_ids = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
+        cache = DynamicCache(config=self.config.get_text_config(decoder=True))
+        out = self(
+            input_ids=input_ids, pixel_values=pixel_values, image_flags=image_flags, attention_mask=attention_mask,
+            position_ids=position_ids, cache_params=cache, use_cache=True, logits_to_keep=1,
+        )  # fmt: skip
+        logits = out.logits[:, -1]
+        static = self.graph_decoder("mmu", batch, decoder) if max_new > 1 else None
+        if static is not None:
+            static.load_state(cache)
+        del cache
+        if streamer is not None:
+            streamer.put(input_ids.cpu())
+        sequences = input_ids
+        unfinished = torch.ones(batch, dtype=torch.bool, device=input_ids.device)
+        scores, raw = [], []
+        next_position = position_ids[:, -1] + 1
+        check_every = 1 if streamer is not None or self.device.type != "cuda" else 8  # fewer host syncs on GPU
+        for k in range(max_new):
+            next_scores = processors(sequences, logits.float())
+            if generation_config.output_logits:
+                raw.append(logits.clone())
+            if generation_config.output_scores:
+                scores.append(next_scores)
+            if generation_config.do_sample:
+                token = torch.multinomial(next_scores.softmax(-1), 1)[:, 0]
+            else:
+                token = next_scores.argmax(-1)
+            token = torch.where(unfinished, token, pad)
+            sequences = torch.cat([sequences, token[:, None]], dim=-1)
+            if streamer is not None:
+                streamer.put(token.cpu())
+            for e in eos:
+                unfinished &= token != e
+            if k + 1 == max_new or ((k + 1) % check_every == 0 and not bool(unfinished.any())):
+                break
+            logits = static.step(token, next_position + k)
+        if eos and check_every > 1:  # trim the steps taken after every row had finished
+            finished_at = (sequences[:, prompt_length:][..., None] == torch.tensor(eos, device=sequences.device)).any(-1)
+            done = finished_at.long().cumsum(-1).clamp(max=1).min(0).values  # 1 from the step all rows are done
+            if bool(done.any()):
+                last = int(done.nonzero()[0]) + 1
+                sequences = sequences[:, : prompt_length + last]
+                scores, raw = scores[:last], raw[:last]
+        if streamer is not None:
+            streamer.end()
+        if generation_config.return_dict_in_generate:
+            return GenerateDecoderOnlyOutput(
+                sequences=sequences, scores=tuple(scores) or None, logits=tuple(raw) or None
+            )
+        return sequences
 
     def _check_text_length(self, prompt_length: int, generation_config, kwargs) -> None:
         rows = self.config.mmu_max_position_embeddings
@@ -71,8 +220,11 @@ class OmniMambaGenerationMixin(GenerationMixin):
         gen = generation_config if generation_config is not None else self.generation_config
         max_new = kwargs.get("max_new_tokens", gen.max_new_tokens)
         max_length = kwargs.get("max_length", None if max_new is not None else gen.max_length)
-        asked = max_new if max_new is not None else (max_length - prompt_length if max_length is not None else None)
-        if asked is not None and asked > room:
+        if max_new is None and max_length is None:
+            kwargs["max_new_tokens"] = room  # as long as the position table allows
+            return
+        asked = max_new if max_new is not None else max_length - prompt_length
+        if asked > room:
             raise ValueError(
                 f"Asked for {asked} new tokens after a {prompt_length}-position prompt, but the MMU position table "
                 f"({rows} rows, image slots included) leaves room for at most {room}. Pass max_new_tokens <= {room}, "
@@ -90,6 +242,7 @@ class OmniMambaGenerationMixin(GenerationMixin):
         guidance_scale: float | None = None,
         streamer=None,
         attention_mask: torch.Tensor | None = None,
+        decoder: str = "auto",
         **kwargs,
     ):
         r"""
@@ -102,6 +255,7 @@ class OmniMambaGenerationMixin(GenerationMixin):
         guidance_scale (`float`, *optional*): classifier-free guidance, an extension not in the original:
             `uncond + scale · (cond − uncond)` with the caption slots replaced by `[PAD]` for the unconditional half.
         attention_mask: accepted for API symmetry; T2I prompts are never padded (their `[PAD]` slots are real inputs).
+        decoder (`str`): "auto", "eager", "static" or "cuda_graph" (module docstring).
 
         Returns `(batch, 256)` image-token ids (`text_vocab_size + code`) or a `GenerateDecoderOnlyOutput`.
         """
@@ -127,14 +281,8 @@ class OmniMambaGenerationMixin(GenerationMixin):
         unused.pop("task", None)
         if unused:
             raise ValueError(f"Unsupported arguments for image generation: {sorted(unused)}.")
-        processors = LogitsProcessorList(logits_processor or [])
-        if generation_config.do_sample:
-            if generation_config.temperature is not None and generation_config.temperature != 1.0:
-                processors.append(TemperatureLogitsWarper(generation_config.temperature))
-            if generation_config.top_k:
-                processors.append(TopKLogitsWarper(generation_config.top_k))
-            if generation_config.top_p is not None and generation_config.top_p < 1.0:
-                processors.append(TopPLogitsWarper(generation_config.top_p))
+        processors = self._logits_processors(generation_config, logits_processor)
+        decoder = self._resolve_decoder(decoder)
         cfg = guidance_scale is not None and guidance_scale != 1.0
         if cfg:
             uncond = input_ids.clone()
@@ -143,7 +291,7 @@ class OmniMambaGenerationMixin(GenerationMixin):
         else:
             prompt = input_ids
 
-        step = self._t2i_stepper(prompt)
+        step = self._t2i_stepper(prompt, decoder)
         codes = input_ids.new_zeros(batch, n_tokens)
         scores, raw = [], []
         logits = step(None, None)
@@ -153,7 +301,7 @@ class OmniMambaGenerationMixin(GenerationMixin):
                 logits = unc + guidance_scale * (cond - unc)
             next_scores = processors(codes[:, :k], logits.float())
             if generation_config.output_logits:
-                raw.append(logits)
+                raw.append(logits.clone())
             if generation_config.output_scores:
                 scores.append(next_scores)
             if generation_config.do_sample:
@@ -177,14 +325,19 @@ class OmniMambaGenerationMixin(GenerationMixin):
             )
         return sequences
 
-    def _t2i_stepper(self, prompt: torch.LongTensor):
-        """Eager stepping: `step(None, None)` runs the prefill and returns the last logits; `step(ids, position)`
-        feeds one image token per row at `position` (the original's decode step, spec §3.6)."""
+    def _t2i_stepper(self, prompt: torch.LongTensor, decoder: str = "eager"):
+        """`step(None, None)` runs the (eager) prefill and returns the last logits; `step(ids, position)` feeds one
+        image token per row at `position` (the original's decode step, spec §3.6), eagerly or on the static decoder."""
         cache = DynamicCache(config=self.config.get_text_config(decoder=True))
+        static = None if decoder == "eager" else self.graph_decoder("t2i", prompt.shape[0], decoder)
 
         def step(ids, position):
             if ids is None:
                 out = self(input_ids=prompt, task="t2i", cache_params=cache, use_cache=True, logits_to_keep=1)
+                if static is not None:
+                    static.load_state(cache)
+            elif static is not None:
+                return static.step(ids, position)
             else:
                 positions = torch.full((ids.shape[0], 1), position, device=ids.device, dtype=torch.long)
                 out = self(input_ids=ids[:, None], task="t2i", cache_params=cache, position_ids=positions)

@@ -75,10 +75,13 @@ class OmniMambaProcessor(ProcessorMixin):
 
     ```python
     >>> messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "What is this?"}]}]
-    >>> processor.apply_chat_template(messages, add_generation_prompt=True)
+    >>> prompt = processor.apply_chat_template(messages, add_generation_prompt=True)
+    >>> prompt
     '<|mmu|><image><|sot|>USER: What is this? ASSISTANT:'
-    >>> inputs = processor(images=image, text=_)   # or apply_chat_template(..., tokenize=True, return_dict=True)
-    >>> t2i = processor(text=["a red bicycle"], generation_mode="image")   # input_ids (1, 72)
+    >>> inputs = processor(images=image, text=prompt)  # input_ids (1, 733 + T), pixel_values (1, 2, 3, 384, 384)
+    >>> messages[0]["content"][0]["image"] = image      # the same in one call (what the pipeline does):
+    >>> inputs = processor.apply_chat_template(messages, add_generation_prompt=True, tokenize=True, return_dict=True)
+    >>> t2i = processor(text=["a red bicycle"], generation_mode="image")  # input_ids (1, 72)
     ```
     """
 
