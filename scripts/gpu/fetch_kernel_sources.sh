@@ -31,11 +31,12 @@ collect() {
     elif [ -f "$src/$name.xz" ]; then xz -dc "$src/$name.xz" > "$tmp"
     elif ls "$src/$name".xz.part-* >/dev/null 2>&1; then cat "$src/$name".xz.part-* | xz -dc > "$tmp"
     else echo "missing pieces of $name in $src" >&2; exit 1; fi
+    chmod 644 "$tmp"   # files under a run's files_at are read-only
     echo "$sum  $tmp" | sha256sum -c --quiet - || { rm -f "$tmp"; echo "checksum mismatch: $name" >&2; exit 1; }
     mv "$tmp" "$dst/$name"
     echo "ok  $dst/$name  $(du -h "$dst/$name" | cut -f1)"
   done < "$src/SHA256SUMS"
-  cp "$src/SHA256SUMS" "$dst/SHA256SUMS"
+  cp "$src/SHA256SUMS" "$dst/SHA256SUMS" && chmod 644 "$dst/SHA256SUMS"
 }
 
 if [ "${1:-}" = "--collect" ]; then collect "${2:?--collect needs the folder that holds SHA256SUMS}"; exit 0; fi

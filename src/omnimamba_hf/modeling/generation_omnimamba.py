@@ -109,13 +109,18 @@ class OmniMambaGenerationMixin(GenerationMixin):
             raise ValueError("decoder='cuda_graph' needs the model on a CUDA device; use 'static' or 'eager'.")
         return decoder
 
-    def graph_decoder(self, task: str, batch_size: int, decoder: str = "cuda_graph") -> OmniMambaGraphDecoder:
-        """The cached static-state decoder for (task, batch size, dtype, device); built on first use."""
-        key = (task, batch_size, self.dtype, self.device, decoder)
+    def graph_decoder(
+        self, task: str, batch_size: int, decoder: str = "cuda_graph", backend: str = "auto"
+    ) -> OmniMambaGraphDecoder:
+        """The cached static-state decoder for (task, batch size, dtype, device); built on first use. `backend`:
+        "kernels" (mamba-ssm fused kernels), "inductor" (torch.compile) or "auto" (kernels when installed)."""
+        key = (task, batch_size, self.dtype, self.device, decoder, backend)
         decoders = self.__dict__.setdefault("_omnimamba_graph_decoders", {})
         if key not in decoders:
             graph = decoder == "cuda_graph"
-            decoders[key] = OmniMambaGraphDecoder(self, task, batch_size, compile=graph, use_graph=graph)
+            decoders[key] = OmniMambaGraphDecoder(
+                self, task, batch_size, compile=graph, use_graph=graph, backend=backend if graph else "inductor"
+            )
         return decoders[key]
 
     def reset_graph_decoders(self) -> None:

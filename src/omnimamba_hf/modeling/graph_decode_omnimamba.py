@@ -12,14 +12,35 @@ The prefill (prompt, image features, chunked scan) runs eagerly through the norm
 copied into the static buffers. Decoders are cached on the model per (task, batch size, dtype, device).
 """
 
+import functools
+from types import SimpleNamespace
+
 import torch
 import torch.nn.functional as F
+
+from .mixer_omnimamba import mamba_kernels
+
+
+@functools.cache
+def mamba_kernels_for_decode() -> SimpleNamespace | None:
+    """mamba-ssm's fused norms + the mixer kernels, if all import (None otherwise)."""
+    k = mamba_kernels()
+    if k is None or k.conv1d_update is None:
+        return None
+    try:
+        from mamba_ssm.ops.triton.layer_norm import layer_norm_fn
+        from mamba_ssm.ops.triton.layernorm_gated import rmsnorm_fn
+    except Exception:
+        return None
+    return SimpleNamespace(**vars(k), layer_norm_fn=layer_norm_fn, rmsnorm_fn=rmsnorm_fn)
 
 
 class OmniMambaGraphDecoder:
     """Decode steps of one task for a fixed batch size as a replayable CUDA graph (or eagerly, for tests on CPU)."""
 
-    def __init__(self, model, task: str, batch_size: int, compile: bool = True, use_graph: bool = True):
+    def __init__(
+        self, model, task: str, batch_size: int, compile: bool = True, use_graph: bool = True, backend: str = "auto"
+    ):
         self.model = model
         self.task = task
         config = model.config
@@ -38,12 +59,31 @@ class OmniMambaGraphDecoder:
         width = config.text_vocab_size if task == "mmu" else config.image_vocab_size
         self.logits = torch.zeros(batch_size, width, device=device, dtype=self.dtype)
         self.batch_size = batch_size
-        self._fn = torch.compile(self._step, fullgraph=True, dynamic=False) if compile else self._step
+        self._constants = (
+            text.layer_norm_epsilon, mixer.in_proj.scaling, mixer.intermediate_size, mixer.conv_dim, mixer.num_heads,
+            mixer.head_dim, mixer.ssm_state_size, mixer.n_groups, mixer.norm.group_size, tuple(mixer.time_step_limit),
+            self.dtype,
+        )  # fmt: skip
+        # backend "kernels": mamba-ssm's fused Triton kernels (add+RMSNorm, conv update, state update, gated norm),
+        # ~7 launches per layer; "inductor": the PyTorch step compiled once per layer shape by torch.compile.
+        kernels = mamba_kernels_for_decode() if device.type == "cuda" else None
+        if backend == "auto":
+            backend = "kernels" if kernels is not None and use_graph else "inductor"
+        if backend == "kernels" and kernels is None:
+            raise ValueError("backend='kernels' needs mamba-ssm and causal-conv1d on a CUDA device.")
+        self.backend = backend
+        self._kernels = kernels
+        if backend == "kernels":
+            self._A = [-torch.exp(layer.mixer.A_log.float()) for layer in lm.layers]
+        # One layer is compiled once and reused by all layers (same shapes): a few seconds of compilation, not minutes.
+        self._layer = torch.compile(_layer_step, fullgraph=True, dynamic=False) if compile else _layer_step
+        self._fn = self._step_kernels if backend == "kernels" else self._step
         self._graph = None
         self._use_graph = use_graph and device.type == "cuda"
 
     # -- state in / out -------------------------------------------------------------------------------------------------
 
+    @torch.no_grad()
     def load_state(self, cache) -> None:
         """Copy the final states of an eager prefill (a transformers `DynamicCache`) into the static buffers."""
         for i, layer in enumerate(cache.layers):
@@ -54,46 +94,65 @@ class OmniMambaGraphDecoder:
 
     def _step(self):
         """One token per row at `self.positions`; writes `self.logits`, updates the states in place."""
-        m = self.model.model
-        lm = m.language_model
-        config = self.model.config
-        if self.task == "mmu":
-            h = lm.embeddings(self.ids) + m.mmu_position_embeddings[0][self.positions].to(self.dtype)
-        else:
-            codes = self.ids - config.text_vocab_size
-            h = m.image_embeddings(codes).to(self.dtype) + m.t2i_position_embeddings[0][self.positions].to(self.dtype)
-        residual = h.float()
+        lm = self.model.model.language_model
+        residual = self._embed().float()
         for i, layer in enumerate(lm.layers):
             mixer = layer.mixer
-            x = _rms_norm(residual, layer.norm.weight, layer.norm.variance_epsilon).to(self.dtype)
             adapter = mixer.in_proj.task_adapters[self.task]
-            zxbcdt = F.linear(x, mixer.in_proj.weight) + mixer.in_proj.scaling * adapter.up(adapter.down(x))
-            z, xBC, dt = zxbcdt.split([mixer.intermediate_size, mixer.conv_dim, mixer.num_heads], dim=-1)
-            # conv over the last K pre-activation columns (the cached K-1 and this one)
-            window = torch.cat([self.conv[i, :, :, 1:], xBC[:, :, None]], dim=-1)
-            self.conv[i].copy_(window)
-            xBC = (window.float() * mixer.conv1d.weight[:, 0].float()).sum(-1)
-            if mixer.conv1d.bias is not None:
-                xBC = xBC + mixer.conv1d.bias.float()
-            xBC = F.silu(xBC).to(self.dtype)
-            xs, B, C = xBC.split(mixer._xbc_sizes, dim=-1)
-            heads, p, n, g = mixer.num_heads, mixer.head_dim, mixer.ssm_state_size, mixer.n_groups
-            xs = xs.view(-1, heads, p).float()
-            B = B.view(-1, g, n).float().repeat_interleave(heads // g, dim=1)
-            C = C.view(-1, g, n).float().repeat_interleave(heads // g, dim=1)
-            delta = F.softplus(dt.float() + mixer.dt_bias.float())
-            if mixer.time_step_limit != (0.0, float("inf")):
-                delta = delta.clamp(*mixer.time_step_limit)
-            A = -torch.exp(mixer.A_log.float())
-            state = self.ssm[i] * torch.exp(delta * A)[..., None, None] + (delta[..., None] * xs)[..., None] * B[:, :, None]
-            self.ssm[i].copy_(state)
-            y = (state * C[:, :, None]).sum(-1) + mixer.D.float()[:, None] * xs
-            y = mixer.norm(y.reshape(y.shape[0], -1).to(self.dtype), z)
-            residual = residual + mixer.out_proj(y)
+            residual = self._layer(
+                residual, layer.norm.weight, mixer.in_proj.weight, adapter.down.weight, adapter.up.weight,
+                mixer.conv1d.weight, mixer.conv1d.bias, mixer.dt_bias, mixer.A_log, mixer.D, mixer.norm.weight,
+                mixer.out_proj.weight, self.conv[i], self.ssm[i], self._constants,
+            )  # fmt: skip
         hidden = _rms_norm(residual, lm.norm_f.weight, lm.norm_f.variance_epsilon).to(self.dtype)
         head = self.model.lm_head if self.task == "mmu" else self.model.image_head
         self.logits.copy_(head(hidden))
 
+    def _embed(self):
+        m = self.model.model
+        if self.task == "mmu":
+            return m.language_model.embeddings(self.ids) + m.mmu_position_embeddings[0][self.positions].to(self.dtype)
+        codes = self.ids - self.model.config.text_vocab_size
+        return m.image_embeddings(codes).to(self.dtype) + m.t2i_position_embeddings[0][self.positions].to(self.dtype)
+
+    def _step_kernels(self):
+        """The same step on mamba-ssm / causal-conv1d kernels (the original's `Mamba2.step` + fused add-norm)."""
+        k = self._kernels
+        lm = self.model.model.language_model
+        hidden, residual = self._embed(), None
+        for i, layer in enumerate(lm.layers):
+            mixer = layer.mixer
+            x, residual = k.layer_norm_fn(
+                hidden, layer.norm.weight, None, residual=residual, prenorm=True, residual_in_fp32=True,
+                eps=layer.norm.variance_epsilon, is_rms_norm=True,
+            )  # fmt: skip
+            adapter = mixer.in_proj.task_adapters[self.task]
+            zxbcdt = torch.addmm(
+                F.linear(x, mixer.in_proj.weight), adapter.down(x), adapter.up.weight.t(), alpha=mixer.in_proj.scaling
+            )
+            z, xBC, dt = zxbcdt.split([mixer.intermediate_size, mixer.conv_dim, mixer.num_heads], dim=-1)
+            xBC = k.conv1d_update(xBC, self.conv[i], mixer.conv1d.weight[:, 0], mixer.conv1d.bias, "silu")
+            xs, B, C = xBC.split(mixer._xbc_sizes, dim=-1)
+            heads, p, n, g = mixer.num_heads, mixer.head_dim, mixer.ssm_state_size, mixer.n_groups
+            y = k.state_update(
+                self.ssm[i], xs.reshape(-1, heads, p), dt[:, :, None].expand(-1, heads, p),
+                self._A[i][:, None, None].expand(heads, p, n), B.reshape(-1, g, n), C.reshape(-1, g, n),
+                D=mixer.D[:, None].expand(heads, p), z=None, dt_bias=mixer.dt_bias[:, None].expand(heads, p),
+                dt_softplus=True,
+            )  # fmt: skip
+            y = k.rmsnorm_fn(
+                y.reshape(y.shape[0], -1), mixer.norm.weight, None, z=z, eps=mixer.norm.variance_epsilon,
+                group_size=mixer.norm.group_size, norm_before_gate=False,
+            )  # fmt: skip
+            hidden = mixer.out_proj(y)
+        hidden = k.layer_norm_fn(
+            hidden, lm.norm_f.weight, None, residual=residual, prenorm=False, residual_in_fp32=True,
+            eps=lm.norm_f.variance_epsilon, is_rms_norm=True,
+        )  # fmt: skip
+        head = self.model.lm_head if self.task == "mmu" else self.model.image_head
+        self.logits.copy_(head(hidden))
+
+    @torch.no_grad()
     def step(self, ids: torch.Tensor, positions: torch.Tensor | int) -> torch.Tensor:
         """Feed `ids` [B] at `positions` ([B] or an int); return the next-token logits (a view of a static buffer:
         valid until the next call)."""
@@ -124,6 +183,40 @@ class OmniMambaGraphDecoder:
             self._fn()
         self.conv.copy_(saved[0])
         self.ssm.copy_(saved[1])
+
+
+def _layer_step(
+    residual, norm_w, in_w, down_w, up_w, conv_w, conv_b, dt_bias, A_log, D, gnorm_w, out_w, conv_state, ssm_state, c
+):
+    """One block for one token: prenorm, in_proj + task LoRA, conv-state shift, SSM recurrence, gated norm, out_proj.
+    Same formulas as `OmniMambaMixer._step` (spec §3.2–3.4). Updates `conv_state` / `ssm_state` in place and returns
+    the new float32 residual."""
+    eps, scaling, d_inner, conv_dim, heads, p, n, g, group, limit, dtype = c
+    x = _rms_norm(residual, norm_w, eps).to(dtype)
+    zxbcdt = F.linear(x, in_w) + scaling * F.linear(F.linear(x, down_w), up_w)
+    z, xBC, dt = zxbcdt.split([d_inner, conv_dim, heads], dim=-1)
+    window = torch.cat([conv_state[:, :, 1:], xBC[:, :, None]], dim=-1)
+    conv_state.copy_(window)
+    xBC = (window.float() * conv_w[:, 0].float()).sum(-1)
+    if conv_b is not None:
+        xBC = xBC + conv_b.float()
+    xBC = F.silu(xBC).to(dtype)
+    xs, B, C = xBC.split([d_inner, g * n, g * n], dim=-1)
+    xs = xs.view(-1, heads, p).float()
+    B = B.view(-1, g, n).float().repeat_interleave(heads // g, dim=1)
+    C = C.view(-1, g, n).float().repeat_interleave(heads // g, dim=1)
+    delta = F.softplus(dt.float() + dt_bias.float())
+    if limit != (0.0, float("inf")):
+        delta = delta.clamp(*limit)
+    A = -torch.exp(A_log.float())
+    state = ssm_state * torch.exp(delta * A)[..., None, None] + (delta[..., None] * xs)[..., None] * B[:, :, None]
+    ssm_state.copy_(state)
+    y = ((state * C[:, :, None]).sum(-1) + D.float()[:, None] * xs).reshape(xs.shape[0], -1).to(dtype)
+    # gated RMSNorm, norm_before_gate=False (§3.4 step 6)
+    gated = (y.float() * F.silu(z.float())).unflatten(-1, (-1, group))
+    gated = gated * torch.rsqrt(gated.pow(2).mean(-1, keepdim=True) + eps)
+    y = (gated.flatten(-2) * gnorm_w.float()).to(dtype)
+    return residual + F.linear(y, out_w)
 
 
 def _rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:

@@ -1,0 +1,265 @@
+"""`OmniMambaTrainer`: `transformers.Trainer` for OmniMamba's mixed MMU + T2I training (ORIGINAL-SPEC §7.3, §7.4).
+
+**How a step works.** The training DataLoader is built from a `MixedTaskDataset` and a `MixedTaskBatchSampler`, so
+every batch holds a fixed number of samples per task (e.g. 48 T2I + 3 MMU per device). The collator returns
+`{"mmu": kwargs, "t2i": kwargs}`; `compute_loss` runs one single-task forward per task present and returns
+`loss = loss_mmu + loss_t2i` (each the token mean of its own cross-entropy, spec §4.6), which the Trainer
+back-propagates once — exactly the original's two forwards + one backward. It is not one mixed forward because the
+two layouts have very different lengths (329 vs 1182): one batch would pad every T2I row to 1182 and triple its cost.
+Both graphs are alive until the backward, as in the original.
+
+**Logging.** `loss_mmu` and `loss_t2i` are logged next to `loss` at every logging step: the mean over the micro-batches
+since the last log of each task's token-mean loss, averaged over processes (so `loss ≈ loss_mmu + loss_t2i`).
+Evaluation adds `eval_loss_mmu` / `eval_loss_t2i`.
+
+**Everything else is the Trainer's.** Gradient accumulation (the per-batch mean is divided by the accumulation
+steps), bf16/fp16 autocast, activation checkpointing, `resume_from_checkpoint` (the sampler order depends only on
+`(seed, epoch)`; skipped batches are not loaded), `torch_compile`, DDP/FSDP through accelerate (`accelerate launch` or
+`torchrun`): each process gets its own mixed batches (accelerate shards the batch sampler).
+
+**Stage presets.** `args.stage` (or `stage=`) applies a preset of `stages.STAGES` before the optimiser exists:
+requires_grad exactly as the original, and the original's module modes (frozen towers stay in eval mode although the
+Trainer calls `model.train()` every step). The trainable / frozen counts are logged and kept in `self.stage_report`.
+
+**Weight decay** (`get_decay_parameter_names`): matrices (ndim >= 2) are decayed; vectors (norms, biases, `A_log`, `D`,
+`dt_bias`) and everything tagged `_no_weight_decay` (the position tables) are not. (The original decays every
+ndim >= 2 tensor, position tables included, but trains with weight decay 0.)
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import re
+from functools import partial
+from typing import Any
+
+import torch
+from torch import nn
+from torch.utils.data import DataLoader
+from transformers import Trainer
+from transformers.trainer_utils import seed_worker
+
+from .collators import TASKS, OmniMambaDataCollator
+from .data import MixedTaskBatchSampler, MixedTaskDataset
+from .stages import apply_stage, get_stage, stage_eval_modules, unwrap_omnimamba
+
+logger = logging.getLogger(__name__)
+
+# never decayed, whatever their shape (name fallback for the `_no_weight_decay` tag, which FSDP flattening and some
+# loading paths do not preserve)
+NO_DECAY_NAME_PATTERNS = (r"(^|\.)A_log$", r"(^|\.)D$", r"(^|\.)dt_bias$", r"position_embeddings$", r"(^|\.)bias$", r"norm")
+
+
+class OmniMambaTrainer(Trainer):
+    r"""
+    `Trainer` for `OmniMambaForConditionalGeneration` (plain, PEFT-wrapped or compiled).
+
+    Args:
+        model, args, train_dataset, eval_dataset, processing_class, ...: as `Trainer`. `args` is best an
+            `OmniMambaTrainingArguments` (stage + per-task batch sizes); a plain `TrainingArguments` works with
+            `task_batch_sizes=`.
+        data_collator: defaults to `OmniMambaDataCollator(model.config, processing_class, mmu_format=<stage's>)`.
+        stage (`str`, *optional*): overrides `args.stage`.
+        task_batch_sizes (`dict`, *optional*): `{"mmu": 3, "t2i": 48}`, overrides the args' per-task sizes.
+
+    `train_dataset` / `eval_dataset`: a `MixedTaskDataset` (mixed batches at the configured ratio). Any other dataset
+    goes through the standard Trainer DataLoader: its items need a `"task"` key (or a collator `default_task`).
+    """
+
+    def __init__(
+        self,
+        model: nn.Module | None = None,
+        args=None,
+        data_collator=None,
+        train_dataset=None,
+        eval_dataset=None,
+        processing_class=None,
+        stage: str | None = None,
+        task_batch_sizes: dict[str, int] | None = None,
+        **kwargs,
+    ):
+        if args is None:
+            from .config import OmniMambaTrainingArguments
+
+            args = OmniMambaTrainingArguments(output_dir="trainer_output")
+        self.stage = get_stage(stage or args.stage).name if (stage or getattr(args, "stage", None)) else None
+        self.stage_report = None
+        self._eval_modules: list[nn.Module] = []
+        if self.stage is not None and model is not None:
+            self.stage_report = apply_stage(model, self.stage)
+            self._eval_modules = stage_eval_modules(model, self.stage)
+        sizes = dict(getattr(args, "task_batch_sizes", None) or {})
+        if not sizes:
+            sizes = {t: args.per_device_train_batch_size for t in TASKS}
+        sizes.update(task_batch_sizes or {})
+        self.task_batch_sizes = sizes
+        if data_collator is None and model is not None:
+            mmu_format = get_stage(self.stage).mmu_format if self.stage else None
+            data_collator = OmniMambaDataCollator(
+                unwrap_omnimamba(model).config, processing_class, mmu_format=mmu_format or "finetune"
+            )
+        super().__init__(
+            model=model,
+            args=args,
+            data_collator=data_collator,
+            train_dataset=train_dataset,
+            eval_dataset=eval_dataset,
+            processing_class=processing_class,
+            **kwargs,
+        )
+        # compute_loss returns a per-micro-batch mean: the Trainer divides it by the accumulation steps
+        self.loss_is_scaled_for_ga = False
+        self._task_loss = {"train": self._zero_accumulator(), "eval": self._zero_accumulator()}
+        if self.stage_report is not None and self.is_world_process_zero():
+            logger.info(self.stage_report.format())
+
+    # ---- data -----------------------------------------------------------------------------------------------------
+
+    def _task_sizes_for(self, dataset: MixedTaskDataset) -> dict[str, int]:
+        sizes = {t: int(self.task_batch_sizes.get(t, 0) or 0) if t in dataset.tasks else 0 for t in TASKS}
+        if self.stage is not None:
+            tasks = get_stage(self.stage).tasks
+            sizes = {t: (n if t in tasks else 0) for t, n in sizes.items()}
+        return sizes
+
+    def _mixed_dataloader(self, dataset: MixedTaskDataset, training: bool) -> DataLoader:
+        args = self.args
+        batch_sizes = self._task_sizes_for(dataset)
+        sampler = MixedTaskBatchSampler(
+            dataset.task_sizes,
+            batch_sizes,
+            seed=args.data_seed if args.data_seed is not None else args.seed,
+            shuffle=training,
+            drop_last=args.dataloader_drop_last,
+            cycle=training,
+        )
+        params: dict[str, Any] = {
+            "batch_sampler": sampler,
+            "collate_fn": self.data_collator,
+            "num_workers": args.dataloader_num_workers,
+            "pin_memory": args.dataloader_pin_memory,
+            "persistent_workers": args.dataloader_persistent_workers and args.dataloader_num_workers > 0,
+        }
+        if args.dataloader_num_workers > 0:
+            params["prefetch_factor"] = args.dataloader_prefetch_factor
+            if args.dataloader_multiprocessing_context:
+                params["multiprocessing_context"] = args.dataloader_multiprocessing_context
+        if training:
+            params["worker_init_fn"] = partial(seed_worker, num_workers=args.dataloader_num_workers, rank=args.process_index)
+        if self.is_world_process_zero():
+            mix = " + ".join(f"{n} {t.upper()}" for t, n in batch_sizes.items() if n)
+            logger.info(f"{'Training' if training else 'Evaluation'} batches per device: {mix}; {len(sampler)} batches per epoch.")
+        return self.accelerator.prepare(DataLoader(dataset, **params))
+
+    def get_train_dataloader(self) -> DataLoader:
+        if isinstance(self.train_dataset, MixedTaskDataset):
+            return self._mixed_dataloader(self.train_dataset, training=True)
+        return super().get_train_dataloader()
+
+    def get_eval_dataloader(self, eval_dataset=None) -> DataLoader:
+        dataset = eval_dataset if eval_dataset is not None and not isinstance(eval_dataset, str) else None
+        if dataset is None:
+            dataset = self.eval_dataset[eval_dataset] if isinstance(eval_dataset, str) else self.eval_dataset
+        if isinstance(dataset, MixedTaskDataset):
+            return self._mixed_dataloader(dataset, training=False)
+        return super().get_eval_dataloader(eval_dataset)
+
+    # ---- loss -----------------------------------------------------------------------------------------------------
+
+    def _zero_accumulator(self) -> torch.Tensor:
+        # rows: mmu, t2i; columns: loss sum, micro-batch count. On the device: no host sync per step.
+        return torch.zeros(len(TASKS), 2, dtype=torch.float32, device=self.args.device)
+
+    def compute_loss(self, model, inputs, return_outputs: bool = False, num_items_in_batch=None):
+        """`sum over tasks of model(**inputs[task], task=task).loss`: one single-task forward per task in the batch."""
+        if model.training and self._eval_modules:
+            for module in self._eval_modules:  # the Trainer just called model.train(); restore the preset's modes
+                module.eval()
+        present = [t for t in TASKS if t in inputs]
+        if not present:
+            if "input_ids" in inputs and "task" in inputs:  # a plain single-task batch
+                outputs = model(**inputs)
+                return (outputs.loss, outputs) if return_outputs else outputs.loss
+            raise ValueError(f"A batch must hold 'mmu' and/or 't2i' sub-batches; got keys {list(inputs)}.")
+        total = None
+        outputs = {}
+        accumulator = self._task_loss["train" if model.training else "eval"]
+        for task in present:
+            sub = inputs[task]
+            out = model(**sub, task=task, use_cache=False, logits_to_keep=0 if return_outputs else 1)
+            if out.loss is None:
+                raise ValueError(f"The {task} sub-batch has no labels.")
+            total = out.loss if total is None else total + out.loss
+            row = TASKS.index(task)
+            accumulator[row, 0] += out.loss.detach().float().to(accumulator.device)
+            accumulator[row, 1] += 1
+            if return_outputs:
+                outputs[task] = out
+        return (total, outputs) if return_outputs else total
+
+    def _drain_task_losses(self, mode: str, prefix: str) -> dict[str, float]:
+        acc = self._task_loss[mode]
+        self._task_loss[mode] = self._zero_accumulator()
+        if self.accelerator.num_processes > 1:
+            acc = self.accelerator.reduce(acc, reduction="sum")
+        acc = acc.cpu()
+        out = {}
+        for row, task in enumerate(TASKS):
+            if acc[row, 1] > 0:
+                out[f"{prefix}{task}"] = round(float(acc[row, 0] / acc[row, 1]), 6)
+        return out
+
+    def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
+        if "loss" in logs and not any(k.startswith("eval_") for k in logs):  # a training log
+            logs = {**logs, **self._drain_task_losses("train", "loss_")}
+        super().log(logs, start_time)
+
+    def prediction_step(self, model, inputs, prediction_loss_only: bool, ignore_keys=None):
+        inputs = self._prepare_inputs(inputs)
+        with torch.no_grad(), self.compute_loss_context_manager():
+            loss = self.compute_loss(model, inputs)
+        return loss.detach(), None, None
+
+    def evaluation_loop(self, dataloader, description, prediction_loss_only=None, ignore_keys=None, metric_key_prefix="eval"):
+        self._task_loss["eval"] = self._zero_accumulator()
+        output = super().evaluation_loop(
+            dataloader, description, prediction_loss_only=True, ignore_keys=ignore_keys, metric_key_prefix=metric_key_prefix
+        )
+        output.metrics.update(self._drain_task_losses("eval", f"{metric_key_prefix}_loss_"))
+        return output
+
+    def floating_point_ops(self, inputs) -> int:
+        """6 · tokens · non-embedding parameters, summed over the task sub-batches."""
+        if not isinstance(inputs, dict) or not any(t in inputs for t in TASKS):
+            return super().floating_point_ops(inputs)
+        model = unwrap_omnimamba(self.model)
+        if not hasattr(self, "_flop_params"):
+            self._flop_params = model.num_parameters(exclude_embeddings=True) if hasattr(model, "num_parameters") else 0
+        return sum(6 * inputs[t]["input_ids"].numel() * self._flop_params for t in TASKS if t in inputs)
+
+    # ---- optimiser ------------------------------------------------------------------------------------------------
+
+    def get_decay_parameter_names(self, model: nn.Module) -> list[str]:
+        """Matrices are decayed; vectors, `A_log`/`D`/`dt_bias`, norms, biases and position tables are not."""
+        names = []
+        for name, p in model.named_parameters():
+            if p.ndim < 2 or getattr(p, "_no_weight_decay", False):
+                continue
+            if any(re.search(pattern, name) for pattern in NO_DECAY_NAME_PATTERNS):
+                continue
+            names.append(name)
+        return names
+
+
+def task_loss_history(log_history: list[dict]) -> dict[str, list[float]]:
+    """`{"loss": [...], "loss_mmu": [...], "loss_t2i": [...]}` from `trainer.state.log_history` (training logs)."""
+    out: dict[str, list[float]] = {"loss": [], "loss_mmu": [], "loss_t2i": []}
+    for entry in log_history:
+        if "loss" in entry:
+            for key in out:
+                out[key].append(entry.get(key, math.nan))
+    return out
+
+
+__all__ = ["OmniMambaTrainer", "task_loss_history", "NO_DECAY_NAME_PATTERNS"]

@@ -1,0 +1,113 @@
+"""GPU-only checks (skipped on CPU; run on the lent GPU with `pytest tests/gpu -s`, results recorded in
+docs/BENCHMARKS.md), at the full 1.3B width with fewer layers to stay quick:
+
+* the mamba-ssm / causal-conv1d kernel path equals the pure-PyTorch path, and the CUDA-graph decoder (both backends)
+  reproduces eager decoding, for both tasks: in float32 (logits rel. error < 1e-2, greedy 64-token continuations
+  identical) and in bfloat16 (rel. error reported and bounded; greedy agreement reported).
+"""
+
+import os
+
+import pytest
+import torch
+
+from omnimamba_hf import OmniMambaConfig, OmniMambaForConditionalGeneration
+from omnimamba_hf.modeling import mixer_omnimamba
+
+pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+LAYERS = int(os.environ.get("OMNIMAMBA_GPU_TEST_LAYERS", "8"))
+
+
+def use_kernels(enabled: bool) -> None:
+    os.environ["OMNIMAMBA_DISABLE_KERNELS"] = "0" if enabled else "1"
+    mixer_omnimamba.mamba_kernels.cache_clear()
+
+
+@pytest.fixture(scope="module", params=[torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+def model(request):
+    torch.manual_seed(0)
+    config = OmniMambaConfig(text_config={"num_hidden_layers": LAYERS})
+    with torch.device("cuda"):
+        m = OmniMambaForConditionalGeneration(config).to(request.param).eval()
+    g = torch.Generator(device="cuda").manual_seed(1)
+    with torch.no_grad():  # non-trivial adapters
+        for name, p in m.named_parameters():
+            if "task_adapters" in name:
+                p.copy_(torch.randn(p.shape, generator=g, device="cuda") * 0.02)
+    yield m
+    use_kernels(True)
+
+
+def prompts(config, dtype):
+    t2i = torch.randint(0, 50000, (1, config.t2i_prompt_length), device="cuda", generator=torch.Generator("cuda").manual_seed(2))
+    mmu = [config.mmu_token_id, config.soi_token_id] + [config.image_token_id] * config.num_image_tokens
+    mmu = torch.tensor([mmu + [config.eoi_token_id, config.sot_token_id] + list(range(1000, 1040))], device="cuda")
+    pixels = torch.randn(1, 2, 3, 384, 384, device="cuda", dtype=dtype, generator=torch.Generator("cuda").manual_seed(3))
+    return t2i, mmu, pixels
+
+
+def rel_err(a, b):
+    return ((a.float() - b.float()).norm() / b.float().norm()).item()
+
+
+def strict(model):
+    return model.dtype == torch.float32
+
+
+def test_kernels_are_installed():
+    use_kernels(True)
+    assert mixer_omnimamba.mamba_kernels() is not None, "mamba-ssm kernels did not import"
+
+
+def continuation(seq, task, n=64):
+    return seq[:, :n] if task == "t2i" else seq[:, -n:]
+
+
+@pytest.mark.parametrize("task", ["t2i", "mmu"])
+def test_kernel_path_equals_torch_path(model, task):
+    t2i, mmu, pixels = prompts(model.config, model.dtype)
+    kw = dict(input_ids=t2i, task="t2i") if task == "t2i" else dict(input_ids=mmu, pixel_values=pixels)
+    with torch.no_grad():
+        use_kernels(True)
+        fast = model(**kw).logits
+        use_kernels(False)
+        slow = model(**kw).logits
+    err = rel_err(fast, slow)
+    gen = dict(generation_mode="image") if task == "t2i" else dict(pixel_values=pixels, max_new_tokens=64, eos_token_id=None)
+    ids = t2i if task == "t2i" else mmu
+    b = continuation(model.generate(ids, decoder="eager", **gen), task)
+    use_kernels(True)
+    a = continuation(model.generate(ids, decoder="eager", **gen), task)
+    agree = (a == b).float().mean().item()
+    print(f"\n[{model.dtype}] {task}: kernels vs PyTorch logits rel. error {err:.2e}; greedy agreement {agree:.3f}")
+    assert err < (1e-2 if strict(model) else 5e-2)
+    if strict(model):
+        assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize("backend", ["kernels", "inductor"])
+@pytest.mark.parametrize("task", ["t2i", "mmu"])
+def test_cuda_graph_decoder_equals_eager(model, task, backend):
+    use_kernels(True)
+    t2i, mmu, pixels = prompts(model.config, model.dtype)
+    model.reset_graph_decoders()
+    model.graph_decoder(task, 1, backend=backend)  # pre-build with the requested backend ("auto" key below)
+    decoders = model.__dict__["_omnimamba_graph_decoders"]
+    for key in list(decoders):
+        decoders[key[:-1] + ("auto",)] = decoders[key]
+    if task == "t2i":
+        kw = dict(generation_mode="image", return_dict_in_generate=True, output_logits=True)
+        ids = t2i
+    else:
+        kw = dict(pixel_values=pixels, max_new_tokens=64, eos_token_id=None, return_dict_in_generate=True, output_logits=True)
+        ids = mmu
+    eager = model.generate(ids, decoder="eager", **kw)
+    graph = model.generate(ids, decoder="cuda_graph", **kw)
+    a, b = continuation(graph.sequences, task), continuation(eager.sequences, task)
+    same = int((a != b).long().cumsum(-1).eq(0).sum())  # steps before the first disagreement
+    errs = [rel_err(g, e) for g, e in zip(graph.logits[:same], eager.logits[:same])]
+    print(f"\n[{model.dtype}] {task} {backend}: graph vs eager logits rel. error max {max(errs):.2e} over the {same} "
+          f"identical steps; greedy agreement {(a == b).float().mean().item():.3f}")  # fmt: skip
+    assert max(errs) < (1e-2 if strict(model) else 5e-2)
+    if strict(model):
+        assert torch.equal(a, b)
