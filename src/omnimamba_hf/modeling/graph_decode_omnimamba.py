@@ -18,7 +18,33 @@ from types import SimpleNamespace
 import torch
 import torch.nn.functional as F
 
-from .mixer_omnimamba import mamba_kernels
+from .mixer_omnimamba import TASKS, mamba_kernels
+
+
+@torch.no_grad()
+def fused_in_proj(model) -> list[torch.Tensor]:
+    """Per layer one buffer [W_in; down_mmu; down_t2i], so that `in_proj` and the adapters' `down` run as ONE GEMV
+    (a separate tiny GEMV costs ~5 µs per layer, ~10% of a batch-1 step on an H100). `in_proj.weight` becomes a view
+    of the buffer's first rows, so the base weight is not duplicated; the `down` rows are copies, refreshed on every
+    call (adapters may have been trained since). Exact: the same products, launched together. Cached on the model;
+    rebuilt when an `in_proj.weight` tensor has been replaced (e.g. by `load_state_dict(assign=True)`)."""
+    layers = model.model.language_model.layers
+    cached = model.__dict__.get("_omnimamba_fused_in_proj")
+    if cached is None or any(l.mixer.in_proj.weight.data_ptr() != b.data_ptr() for l, b in zip(layers, cached)):
+        cached = []
+        for layer in layers:
+            linear = layer.mixer.in_proj
+            rows = linear.weight.shape[0] + sum(a.down.weight.shape[0] for a in linear.task_adapters.values())
+            buffer = torch.empty(rows, linear.weight.shape[1], dtype=linear.weight.dtype, device=linear.weight.device)
+            buffer[: linear.weight.shape[0]].copy_(linear.weight)
+            linear.weight.data = buffer[: linear.weight.shape[0]]
+            cached.append(buffer)
+        model.__dict__["_omnimamba_fused_in_proj"] = cached
+    for layer, buffer in zip(layers, cached):
+        linear = layer.mixer.in_proj
+        downs = torch.cat([linear.task_adapters[t].down.weight for t in TASKS])
+        buffer[linear.weight.shape[0] :].copy_(downs)
+    return cached
 
 
 @functools.cache
@@ -73,8 +99,10 @@ class OmniMambaGraphDecoder:
             raise ValueError("backend='kernels' needs mamba-ssm and causal-conv1d on a CUDA device.")
         self.backend = backend
         self._kernels = kernels
+        self._fused_in_proj = None
         if backend == "kernels":
             self._A = [-torch.exp(layer.mixer.A_log.float()) for layer in lm.layers]
+            self._fused_in_proj = fused_in_proj(model)
         # One layer is compiled once and reused by all layers (same shapes): a few seconds of compilation, not minutes.
         self._layer = torch.compile(_layer_step, fullgraph=True, dynamic=False) if compile else _layer_step
         self._fn = self._step_kernels if backend == "kernels" else self._step
@@ -86,6 +114,12 @@ class OmniMambaGraphDecoder:
     @torch.no_grad()
     def load_state(self, cache) -> None:
         """Copy the final states of an eager prefill (a transformers `DynamicCache`) into the static buffers."""
+        if self._fused_in_proj is not None:
+            fused = fused_in_proj(model=self.model)
+            if fused is not self._fused_in_proj:  # in_proj weights were replaced: new buffers, new graph
+                self._fused_in_proj, self._graph = fused, None
+            for A, layer in zip(self._A, self.model.model.language_model.layers):
+                A.copy_(-torch.exp(layer.mixer.A_log.float()))  # in place: the graph keeps reading this buffer
         for i, layer in enumerate(cache.layers):
             self.conv[i].copy_(layer.conv_states[0])
             self.ssm[i].copy_(layer.recurrent_states[0])
@@ -127,8 +161,11 @@ class OmniMambaGraphDecoder:
                 eps=layer.norm.variance_epsilon, is_rms_norm=True,
             )  # fmt: skip
             adapter = mixer.in_proj.task_adapters[self.task]
+            both = F.linear(x, self._fused_in_proj[i])  # [z ‖ xBC ‖ dt ‖ down_mmu(x) ‖ down_t2i(x)]
+            width, rank = mixer.in_proj.weight.shape[0], adapter.down.weight.shape[0]
+            start = width + rank * TASKS.index(self.task)
             zxbcdt = torch.addmm(
-                F.linear(x, mixer.in_proj.weight), adapter.down(x), adapter.up.weight.t(), alpha=mixer.in_proj.scaling
+                both[:, :width], both[:, start : start + rank], adapter.up.weight.t(), alpha=mixer.in_proj.scaling
             )
             z, xBC, dt = zxbcdt.split([mixer.intermediate_size, mixer.conv_dim, mixer.num_heads], dim=-1)
             xBC = k.conv1d_update(xBC, self.conv[i], mixer.conv1d.weight[:, 0], mixer.conv1d.bias, "silu")

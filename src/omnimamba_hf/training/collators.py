@@ -98,13 +98,17 @@ class SequenceSpec:
             t2i_max_positions=config.t2i_max_position_embeddings,
         )
 
-    def __post_init__(self):
+    def check_mmu(self) -> None:
+        """Raise when the MMU training layout does not fit the MMU position table."""
         mmu_len = 4 + self.num_image_tokens + self.max_text_length
         if self.mmu_max_positions is not None and mmu_len > self.mmu_max_positions:
             raise ValueError(
                 f"MMU training sequences are 4 + {self.num_image_tokens} + max_text_length={self.max_text_length} = "
                 f"{mmu_len} long, past the {self.mmu_max_positions}-row MMU position table: lower max_text_length."
             )
+
+    def check_t2i(self) -> None:
+        """Raise when the T2I training layout does not fit the T2I position table."""
         t2i_len = self.t2i_caption_length + 5 + self.num_image_codes
         if self.t2i_max_positions is not None and t2i_len > self.t2i_max_positions:
             raise ValueError(f"T2I training sequences ({t2i_len}) exceed the T2I position table ({self.t2i_max_positions}).")
@@ -315,6 +319,7 @@ class OmniMambaMMUCollator:
     def __call__(self, records: Sequence[Mapping]) -> dict[str, torch.Tensor]:
         if not records:
             raise ValueError("Empty MMU batch.")
+        self.spec.check_mmu()
         ids, labels, images, flags = [], [], [], []
         for record in records:
             text_ids, text_labels = build_mmu_text(record, self.tokenizer, self.spec, self.mmu_format)
@@ -342,6 +347,7 @@ class OmniMambaT2ICollator:
     Captions longer than `t2i_caption_length` tokens keep their first tokens (spec §8 #21)."""
 
     def __init__(self, spec: SequenceSpec, tokenizer=None):
+        spec.check_t2i()
         self.spec, self.tokenizer = spec, tokenizer
 
     def __call__(self, records: Sequence[Mapping]) -> dict[str, torch.Tensor]:

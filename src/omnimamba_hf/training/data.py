@@ -207,6 +207,7 @@ def prepare_mmu_dataset(
     if tokenizer is None:
         raise ValueError("prepare_mmu_dataset needs a processor (or tokenizer).")
     spec = spec or SequenceSpec.from_config(config, max_text_length=max_text_length)
+    spec.check_mmu()
     dataset = _load_any(dataset)
     if "conversations" not in dataset.column_names:
         raise ValueError(f"MMU data needs a 'conversations' column; got {dataset.column_names}.")
@@ -246,6 +247,7 @@ def prepare_t2i_dataset(dataset, config=None, on_bad_record: str = "skip", num_p
     """Validate T2I records (`tokens`: `grid²` codes in range; at least one non-empty caption) and normalise the
     caption field to `captions` (a list). Empty captions inside a list are removed (counted in the log)."""
     spec = spec or SequenceSpec.from_config(config)
+    spec.check_t2i()
     dataset = _load_any(dataset)
     if "tokens" not in dataset.column_names:
         raise ValueError(
@@ -270,6 +272,8 @@ def prepare_t2i_dataset(dataset, config=None, on_bad_record: str = "skip", num_p
             out[_BAD] = f"image tokens not {spec.num_image_codes} codes"
         elif min(tokens) < 0 or max(tokens) >= spec.image_vocab_size:
             out[_BAD] = f"image tokens outside [0, {spec.image_vocab_size})"
+        if out[_BAD]:
+            out["_empty_captions"] = 0  # counted with the bad record already
         return out
 
     remove = ["caption"] if "caption" in dataset.column_names else []

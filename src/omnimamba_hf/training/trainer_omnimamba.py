@@ -28,6 +28,7 @@ ndim >= 2 tensor, position tables included, but trains with weight decay 0.)
 
 from __future__ import annotations
 
+import copy
 import logging
 import math
 import re
@@ -37,7 +38,7 @@ from typing import Any
 import torch
 from torch import nn
 from torch.utils.data import DataLoader
-from transformers import Trainer
+from transformers import Trainer, TrainerCallback
 from transformers.trainer_utils import seed_worker
 
 from .collators import TASKS, OmniMambaDataCollator
@@ -49,6 +50,32 @@ logger = logging.getLogger(__name__)
 # never decayed, whatever their shape (name fallback for the `_no_weight_decay` tag, which FSDP flattening and some
 # loading paths do not preserve)
 NO_DECAY_NAME_PATTERNS = (r"(^|\.)A_log$", r"(^|\.)D$", r"(^|\.)dt_bias$", r"position_embeddings$", r"(^|\.)bias$", r"norm")
+
+
+_SPECIAL = ("bos_token_id", "eos_token_id", "pad_token_id")
+
+
+def _special_token_snapshot(model) -> list:
+    base = unwrap_omnimamba(model)
+    holders = [getattr(base, "config", None), getattr(base, "generation_config", None)]
+    if holders[0] is not None and hasattr(holders[0], "get_text_config"):
+        holders.append(holders[0].get_text_config())
+    return [(h, {k: copy.deepcopy(getattr(h, k, None)) for k in _SPECIAL}) for h in holders if h is not None]
+
+
+class _KeepSpecialTokens(TrainerCallback):
+    """`Trainer.train` aligns the model's bos/eos/pad ids with the tokenizer's (GPT-NeoX declares bos = eos =
+    `<|endoftext|>`); OmniMamba's config deliberately has no BOS (spec §1.4), so the ids are put back before the first
+    step (and hence before any checkpoint is written)."""
+
+    def __init__(self, snapshot):
+        self.snapshot = snapshot
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        for holder, values in self.snapshot:
+            for key, value in values.items():
+                if getattr(holder, key, None) != value:
+                    setattr(holder, key, value)
 
 
 class OmniMambaTrainer(Trainer):
@@ -99,6 +126,9 @@ class OmniMambaTrainer(Trainer):
             data_collator = OmniMambaDataCollator(
                 unwrap_omnimamba(model).config, processing_class, mmu_format=mmu_format or "finetune"
             )
+        callbacks = list(kwargs.pop("callbacks", None) or [])
+        if model is not None:
+            callbacks.append(_KeepSpecialTokens(_special_token_snapshot(model)))
         super().__init__(
             model=model,
             args=args,
@@ -106,6 +136,7 @@ class OmniMambaTrainer(Trainer):
             train_dataset=train_dataset,
             eval_dataset=eval_dataset,
             processing_class=processing_class,
+            callbacks=callbacks,
             **kwargs,
         )
         # compute_loss returns a per-micro-batch mean: the Trainer divides it by the accumulation steps
@@ -237,6 +268,44 @@ class OmniMambaTrainer(Trainer):
         if not hasattr(self, "_flop_params"):
             self._flop_params = model.num_parameters(exclude_embeddings=True) if hasattr(model, "num_parameters") else 0
         return sum(6 * inputs[t]["input_ids"].numel() * self._flop_params for t in TASKS if t in inputs)
+
+    # ---- checkpoints ----------------------------------------------------------------------------------------------
+
+    def _reload_weights(self, checkpoint: str, model: nn.Module) -> bool:
+        """Load a full-model checkpoint through `from_pretrained` (its key conversions included), then copy.
+
+        `Trainer._load_from_checkpoint` reads `model.safetensors` with a raw `load_state_dict(strict=False)`. Since
+        transformers 5, `save_pretrained` writes some sub-models under their legacy key names (here the DINOv2 tower:
+        `attention.attention.query` for `attention.q_proj`) and only `from_pretrained` maps them back, so the raw load
+        leaves those weights silently un-restored (logged as missing/unexpected keys). Returns False when this path
+        does not apply (PEFT adapters, FSDP/DeepSpeed, no `model.safetensors`), leaving it to the Trainer."""
+        import os
+
+        from transformers import PreTrainedModel
+
+        target = model.module if hasattr(model, "module") else model
+        if (
+            self.is_fsdp_enabled
+            or self.is_deepspeed_enabled
+            or not isinstance(target, PreTrainedModel)
+            or hasattr(target, "peft_config")
+            or not os.path.isfile(os.path.join(checkpoint, "model.safetensors"))
+        ):
+            return False
+        dtype = next(target.parameters()).dtype
+        loaded = type(target).from_pretrained(checkpoint, dtype=dtype)
+        result = target.load_state_dict(loaded.state_dict(), strict=True)
+        del loaded
+        logger.info(f"Restored all model weights from {checkpoint} ({result}).")
+        return True
+
+    def _load_from_checkpoint(self, resume_from_checkpoint: str, model: nn.Module | None = None) -> None:
+        if not self._reload_weights(resume_from_checkpoint, model if model is not None else self.model):
+            super()._load_from_checkpoint(resume_from_checkpoint, model)
+
+    def _load_best_model(self) -> None:
+        if not self._reload_weights(self.state.best_model_checkpoint, self.model):
+            super()._load_best_model()
 
     # ---- optimiser ------------------------------------------------------------------------------------------------
 
