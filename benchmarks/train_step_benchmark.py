@@ -132,7 +132,7 @@ def parse_args(argv=None):
     p.add_argument("--mmu-batch", type=int, default=None, help="MMU samples per step (default 3; tiny 2)")
     p.add_argument("--t2i-batch", type=int, default=None, help="T2I samples per step (default 48; tiny 4)")
     p.add_argument("--stage", default="stage2", help="stage preset (stage2 trains everything but the towers and VQ)")
-    p.add_argument("--no-bf16", action="store_true", help="fp32 instead of bf16 autocast")
+    p.add_argument("--no-bf16", action="store_true", help="fp32 instead of bf16 autocast (CPU runs are always fp32)")
     p.add_argument("--activation-checkpointing", action="store_true", help="recompute each Mamba block in backward")
     p.add_argument("--torch-compile", action="store_true", help="TrainingArguments(torch_compile=True)")
     p.add_argument("--num-workers", type=int, default=None, help="DataLoader workers (default 4 on GPU, 0 on CPU)")
@@ -151,7 +151,7 @@ def main(argv=None) -> dict:
     t2i_batch = args.t2i_batch if args.t2i_batch is not None else (4 if args.tiny else 48)
     max_text_length = 24 if args.tiny else 449
     total_steps = args.warmup + args.steps
-    bf16 = not args.no_bf16 and (cuda and torch.cuda.is_bf16_supported() or not cuda)
+    bf16 = not args.no_bf16 and cuda and torch.cuda.is_bf16_supported()  # CPU (smoke test): fp32
 
     torch.manual_seed(args.seed)
     t0 = time.perf_counter()

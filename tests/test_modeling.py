@@ -182,6 +182,22 @@ def test_gradient_checkpointing_gives_the_same_gradients(config):
     assert not any("vqmodel" in n for n in plain)  # the VQ tokenizer is frozen
 
 
+def test_fresh_init_follows_the_original(config):
+    """Spec §1.8: a fresh task adapter is a no-op (up = 0, down random), A = U[1, 16], D = 1, dt in [1e-3, 0.1]."""
+    torch.manual_seed(0)
+    model = OmniMambaForConditionalGeneration(config)
+    for layer in model.model.language_model.layers:
+        mixer = layer.mixer
+        for adapter in mixer.in_proj.task_adapters.values():
+            assert torch.count_nonzero(adapter.up.weight) == 0
+            assert adapter.down.weight.abs().max() > 0.05  # kaiming-uniform, not the 0.02 normal default
+        A = mixer.A_log.exp()
+        assert bool(((A >= 1) & (A <= 16)).all()) and torch.equal(mixer.D, torch.ones_like(mixer.D))
+        dt = torch.nn.functional.softplus(mixer.dt_bias)
+        assert bool(((dt >= 1e-4 * 0.999) & (dt <= 0.1 * 1.001)).all())
+    assert model.model.mmu_position_embeddings.std() > 0.01
+
+
 def test_full_size_parameter_count_on_meta():
     """The released 1.3B layout: the spec's unique-parameter total (§1.7) plus what the HF towers add."""
     with torch.device("meta"):

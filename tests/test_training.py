@@ -574,10 +574,11 @@ def test_task_adapters_export_as_two_named_peft_adapters(config, processor, tmp_
 
 
 def test_config_precedence_and_original_yaml(tmp_path):
-    model_args, data_args, args = parse_training_args(["--stage", "stage1_t2i", "--output_dir", str(tmp_path), "--no_bf16"])
+    model_args, data_args, args = parse_training_args(["--stage", "stage1_t2i", "--output_dir", str(tmp_path)])
     assert args.stage == "stage1_t2i" and args.learning_rate == 8e-4 and args.warmup_steps == 1000
     assert (args.per_device_t2i_batch_size, args.per_device_mmu_batch_size, args.per_device_train_batch_size) == (90, 0, 90)
-    assert args.adam_beta2 == 0.95 and args.lr_scheduler_type == "cosine_with_min_lr" and not args.bf16
+    assert args.adam_beta2 == 0.95 and args.lr_scheduler_type == "cosine_with_min_lr"
+    assert args.bf16 == torch.cuda.is_available()  # the original's bf16 on GPU; fp32 on a CPU-only machine
     # the original's stage-2 YAML (config/config_stage2.yaml), its `train:` keys translated
     (tmp_path / "orig.yaml").write_text(
         "accelerate:\n  mixed_precision: bf16\n  num_processes: 8\n"

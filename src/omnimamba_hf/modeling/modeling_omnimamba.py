@@ -37,7 +37,7 @@ from transformers.utils.import_utils import is_torchdynamo_compiling
 
 from .configuration_omnimamba import OmniMambaConfig
 from .generation_omnimamba import OmniMambaGenerationMixin, omnimamba_generation_config
-from .mixer_omnimamba import TASKS, OmniMambaMixer, OmniMambaRMSNorm, OmniMambaTaskAdapter, TaskRoute
+from .mixer_omnimamba import TASKS, OmniMambaMixer, OmniMambaRMSNorm, TaskRoute
 from .vision_omnimamba import OmniMambaVisionModel
 from .vq_omnimamba import OmniMambaVQVAE
 
@@ -212,9 +212,11 @@ class OmniMambaPreTrainedModel(PreTrainedModel):
                 nn.init.kaiming_uniform_(torch.empty_like(module.out_proj.weight), a=math.sqrt(5))
                 / math.sqrt(text.num_hidden_layers),
             )
-        elif isinstance(module, OmniMambaTaskAdapter):
-            init.kaiming_uniform_(module.down.weight, a=math.sqrt(5))
-            init.zeros_(module.up.weight)  # a fresh adapter is a no-op
+            # Task adapters are initialised here, not in a branch of their own: transformers skips custom modules
+            # that hold no parameters directly (the adapter's are in its two Linear children).
+            for adapter in module.in_proj.task_adapters.values():
+                init.kaiming_uniform_(adapter.down.weight, a=math.sqrt(5))
+                init.zeros_(adapter.up.weight)  # a fresh adapter is a no-op (spec §1.8)
         elif isinstance(module, OmniMambaModel):
             init.trunc_normal_(module.mmu_position_embeddings, std=std)
             init.trunc_normal_(module.t2i_position_embeddings, std=std)

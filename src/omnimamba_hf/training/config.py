@@ -207,8 +207,9 @@ def parse_training_args(argv: list[str] | None = None) -> tuple[ModelArguments, 
     defaults = stage_training_defaults(values["stage"]) if values.get("stage") else {}
     import torch
 
-    if not torch.cuda.is_available():
-        defaults.pop("tf32", None)  # TrainingArguments rejects tf32 without an Ampere+ GPU
+    if not torch.cuda.is_available():  # the original's bf16 + tf32 are GPU settings (TrainingArguments rejects them)
+        defaults.pop("tf32", None)
+        defaults.pop("bf16", None)
     parser = HfArgumentParser((ModelArguments, DataArguments, OmniMambaTrainingArguments))
     parser.set_defaults(**{**defaults, **values})
     stage_argv = ["--stage", values["stage"]] if values.get("stage") else []

@@ -74,6 +74,7 @@ def get_omnimamba_lora_model(
     forward bypasses. The base model is frozen by PEFT (the built-in task adapters included); the returned
     `PeftModel` trains with `OmniMambaTrainer` as is and saves only the adapter (`save_pretrained`)."""
     from peft import LoraConfig, get_peft_model
+    from peft.tuners.tuners_utils import check_target_module_exists
 
     config = LoraConfig(
         r=r,
@@ -82,15 +83,12 @@ def get_omnimamba_lora_model(
         target_modules=list(target_modules) if not isinstance(target_modules, str) else target_modules,
         **lora_kwargs,
     )
-    peft_model = get_peft_model(model, config, adapter_name=adapter_name)
-    targeted = list(getattr(peft_model.base_model, "targeted_module_names", []))
-    try:
-        _check_targets(targeted, allow_out_proj)
-    except ValueError:
-        peft_model.unload()  # give the caller back an unmodified model
-        raise
+    # check with PEFT's own matching before anything is injected (PEFT may itself fail on e.g. depthwise conv1d)
+    targeted = [name for name, _ in model.named_modules() if name and check_target_module_exists(config, name)]
     if not targeted:
         raise ValueError(f"LoRA target_modules={target_modules!r} matched no module.")
+    _check_targets(targeted, allow_out_proj)
+    peft_model = get_peft_model(model, config, adapter_name=adapter_name)
     logger.info(f"User LoRA (r={r}, alpha={lora_alpha}) on {len(targeted)} modules, e.g. {targeted[0]}.")
     return peft_model
 

@@ -1,0 +1,1 @@
+from .vision_transformer import create_model  # noqa: F401
