@@ -540,9 +540,22 @@ def test_wrong_tokenizer(tmp_path, release):
     _refused({**release, "tokenizer": tok_dir}, tmp_path, "embedding.weight has 320: wrong tokenizer")
 
 
-def test_failed_verification_leaves_nothing(tmp_path, release):
-    msg = _refused(release, tmp_path, "Verification failed", "--verify", "--verify-rtol", "0")
-    assert "mmu_logits" in msg
+def test_verification_catches_a_mapping_error_and_leaves_nothing(tmp_path, release, monkeypatch):
+    """A converter bug that keeps every key and shape (layer 0's two task adapters swapped) passes the key checks;
+    --verify catches it against the original formulae, and the output is never moved into place."""
+    import omnimamba_hf.conversion.convert_omnimamba_weights_to_hf as conv
+
+    real = conv.convert_state_dict
+
+    def buggy(*args, **kwargs):
+        sd = real(*args, **kwargs)
+        a, b = (f"model.language_model.layers.0.mixer.in_proj.task_adapters.{t}.up.weight" for t in ("mmu", "t2i"))
+        sd[a], sd[b] = sd[b], sd[a]
+        return sd
+
+    monkeypatch.setattr(conv, "convert_state_dict", buggy)
+    msg = _refused(release, tmp_path, "Verification failed", "--verify")
+    assert "mmu_logits" in msg and "t2i_logits" in msg and "vq_decode" not in msg
 
 
 def test_interrupt_while_writing_leaves_nothing(tmp_path, release, monkeypatch):

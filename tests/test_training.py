@@ -530,8 +530,10 @@ def test_user_lora_trains_saves_and_round_trips(config, processor, datasets_, da
         get_omnimamba_lora_model(victim, target_modules=["conv1d"])
     assert not any("lora_" in n for n, _ in victim.named_parameters())
     with pytest.raises(ValueError, match="out_proj"):
-        get_omnimamba_lora_model(new_model(config), target_modules=["in_proj", "out_proj"])
-    ok = get_omnimamba_lora_model(new_model(config), target_modules=["in_proj", "out_proj"], allow_out_proj=True)
+        get_omnimamba_lora_model(new_model(config), target_modules=r".*mixer\.(in_proj|out_proj)")
+    with pytest.raises(ValueError, match="MultiheadAttention"):  # SigLIP's (unused) pooling head
+        get_omnimamba_lora_model(new_model(config), target_modules=["out_proj"], allow_out_proj=True)
+    ok = get_omnimamba_lora_model(new_model(config), target_modules=r".*mixer\.(in_proj|out_proj)", allow_out_proj=True)
     assert len(ok.base_model.targeted_module_names) == 2 * config.text_config.num_hidden_layers
 
 

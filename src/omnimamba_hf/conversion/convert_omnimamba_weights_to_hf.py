@@ -1000,6 +1000,10 @@ def atomic_output_dir(final: str | os.PathLike, overwrite: bool = False) -> Iter
 # ---- verification ---------------------------------------------------------------------------------------------------
 
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+_VERIFY_DTYPES = {"float64": torch.float64, "float32": torch.float32}
+
+
+_VERIFY_RTOL = {torch.float64: 1e-6, torch.float32: 1e-3}
 
 
 def verify_conversion(
@@ -1007,14 +1011,14 @@ def verify_conversion(
     original: OriginalWeights,
     *,
     converted: Mapping[str, torch.Tensor] | None = None,
-    reference_dtype: torch.dtype = torch.float64,
+    dtype: torch.dtype = torch.float64,
     device: str = "cpu",
-    rtol: float = 1e-4,
+    rtol: float | None = None,
     seed: int = 0,
     num_image_codes: int | None = None,
     progress: bool = False,
 ) -> dict:
-    """Reload `model_dir` with the Auto classes (float32) and compare it with `conversion.reference`, an independent
+    """Reload `model_dir` with the Auto classes and compare it with `conversion.reference`, an independent
     implementation of the original formulae run on the ORIGINAL-layout weights:
 
     * `weights`: every reloaded tensor equals the converted one (exact);
@@ -1022,9 +1026,12 @@ def verify_conversion(
     * `t2i_logits`: the fixed T2I prompt + teacher-forced image codes, all positions' image logits;
     * `vq_decode`: pixels decoded from random codes.
 
-    The reference sees the original weights rounded to the saved dtype (so only mapping errors count). A check passes
-    when max |hf − ref| ≤ rtol · max(1, max |ref|); on failure a `ValueError` lists the differences. Returns
-    `{check: {"max_abs_diff": …, "max_abs_ref": …, "passed": …}}`.
+    Both sides compute in `dtype` (float64 by default: the comparison then isolates conversion errors from float32
+    rounding, which 48 layers amplify to ~1e-4 relative; float64 needs about 8 bytes per parameter of memory), with
+    the model's pure-PyTorch Mamba path (mamba-ssm's Triton kernels compute in TF32) and TF32 off. The reference sees
+    the original weights rounded to the saved dtype, so only mapping errors count. A check passes when
+    max |hf − ref| ≤ rtol · max(1, max |ref|) (default rtol: 1e-6 in float64, 1e-3 in float32); on failure a
+    `ValueError` lists the differences. Returns `{check: {"max_abs_diff": …, "max_abs_ref": …, "passed": …}}`.
     """
     import numpy as np
     import PIL.Image
@@ -1035,12 +1042,14 @@ def verify_conversion(
 
     from . import reference as ref
 
-    model = AutoModelForImageTextToText.from_pretrained(model_dir, dtype=torch.float32).to(device).eval()
+    rtol = _VERIFY_RTOL.get(dtype, 1e-3) if rtol is None else rtol
+    model = AutoModelForImageTextToText.from_pretrained(model_dir, dtype=torch.float32).eval()
     processor = AutoProcessor.from_pretrained(model_dir)
     config = model.config
-    saved_dtype = next(
-        (t.dtype for t in (converted or {}).values() if t.is_floating_point()), torch.float32
-    )
+    saved_dtype = next((t.dtype for t in (converted or {}).values() if t.is_floating_point()), None)
+    if saved_dtype is None:
+        saved_dtype = getattr(config, "dtype", None) or torch.float32
+        saved_dtype = getattr(torch, saved_dtype) if isinstance(saved_dtype, str) else saved_dtype
     results = {}
     steps = tqdm(total=4, desc="verify", disable=not progress)
 
@@ -1049,12 +1058,14 @@ def verify_conversion(
         reloaded = model.state_dict()
         bad = []
         for k, v in converted.items():
-            r = reloaded[k].detach().cpu()
+            r = reloaded[k].detach()
             if r.shape != v.shape or not torch.equal(r, v.to(r.dtype)):
                 bad.append(k)
         results["weights"] = {"tensors": len(converted), "differing": len(bad), "passed": not bad}
         if bad:
             raise ValueError(f"Reloaded tensors differ from the converted ones: {_names(bad)}")
+        del reloaded
+    model = model.to(device=device, dtype=dtype)
     steps.update()
 
     def rounded(sd):
@@ -1086,7 +1097,7 @@ def verify_conversion(
         }
         print(f"[verify] {name:11s} shape {tuple(want.shape)}  max|hf - original| = {diff:.3e}  (max|original| {scale:.3g})")
 
-    with torch.no_grad(), _no_tf32():
+    with torch.no_grad(), _no_tf32(), _pytorch_mamba_path():
         # 1. MMU
         size = config.vision_config.image_size
         image = PIL.Image.fromarray(rng.integers(0, 256, (size + 13, size + 7, 3), dtype=np.uint8))
@@ -1103,7 +1114,7 @@ def verify_conversion(
             lm, dino, siglip, pv[0].to(device), pv[1].to(device), prompt_ids, ids,
             dino_heads=config.vision_config.dino_config.num_attention_heads,
             siglip_heads=config.vision_config.siglip_config.num_attention_heads,
-            ngroups=config.text_config.n_groups, dtype=reference_dtype,
+            ngroups=config.text_config.n_groups, dtype=dtype,
         )  # fmt: skip
         record("mmu_logits", hf, want)
         steps.update()
@@ -1121,7 +1132,7 @@ def verify_conversion(
         hf_ids = torch.cat([t2i["input_ids"][0], codes + config.text_vocab_size])[None].to(device)
         hf = model(input_ids=hf_ids, task="t2i").logits[0]
         want = ref.t2i_logits(lm, want_prompt, codes.tolist(), ngroups=config.text_config.n_groups,
-                              dtype=reference_dtype, device=device)  # fmt: skip
+                              dtype=dtype, device=device)  # fmt: skip
         record("t2i_logits", hf, want)
         steps.update()
 
@@ -1129,17 +1140,38 @@ def verify_conversion(
         grid = config.vq_config.num_patches
         codes = torch.randint(0, config.image_vocab_size, (1, grid * grid), generator=gen)
         hf = model.model.vqmodel.decode_codes(codes.to(device))
-        want = ref.vq_decode_code(vq, codes.to(device), grid, dtype=reference_dtype)
+        want = ref.vq_decode_code(vq, codes.to(device), grid, dtype=dtype)
         record("vq_decode", hf, want)
         steps.update()
     steps.close()
     failed = [n for n, r in results.items() if not r["passed"]]
     if failed:
         raise ValueError(
-            f"Verification failed for {failed} (tolerance {rtol:g} relative to max(1, max|ref|)): "
+            f"Verification failed for {failed} ({str(dtype).removeprefix('torch.')}, tolerance {rtol:g} relative to "
+            "max(1, max|ref|)): "
             + json.dumps({n: results[n] for n in failed})
         )
     return results
+
+
+@contextlib.contextmanager
+def _pytorch_mamba_path():
+    """Run the model's pure-PyTorch Mamba-2 path while verifying (the Triton kernels compute in TF32 and take no
+    float64), by the modeling's documented switch `OMNIMAMBA_DISABLE_KERNELS`."""
+    from ..modeling import mixer_omnimamba
+
+    clear = getattr(getattr(mixer_omnimamba, "mamba_kernels", None), "cache_clear", lambda: None)
+    saved = os.environ.get("OMNIMAMBA_DISABLE_KERNELS")
+    os.environ["OMNIMAMBA_DISABLE_KERNELS"] = "1"
+    clear()
+    try:
+        yield
+    finally:
+        if saved is None:
+            os.environ.pop("OMNIMAMBA_DISABLE_KERNELS", None)
+        else:
+            os.environ["OMNIMAMBA_DISABLE_KERNELS"] = saved
+        clear()
 
 
 @contextlib.contextmanager
@@ -1187,7 +1219,8 @@ def convert_omnimamba_checkpoint(
     config_overrides: Mapping | None = None,
     verify: bool = False,
     verify_device: str = "cpu",
-    verify_rtol: float = 1e-4,
+    verify_dtype: str = "float64",
+    verify_rtol: float | None = None,
     overwrite: bool = False,
     base_model: str | None = ORIGINAL_REPO,
     hash_inputs: bool = True,
@@ -1202,6 +1235,8 @@ def convert_omnimamba_checkpoint(
     only at the end, to every floating-point tensor."""
     if dtype not in _DTYPES:
         raise ValueError(f"dtype must be one of {sorted(_DTYPES)}, got {dtype!r}.")
+    if verify_dtype not in _VERIFY_DTYPES:
+        raise ValueError(f"verify_dtype must be one of {sorted(_VERIFY_DTYPES)}, got {verify_dtype!r}.")
     target = Path(output_dir).absolute()
     if target.exists() and not overwrite:
         raise ValueError(f"{target} already exists; pass --overwrite to replace it.")
@@ -1253,9 +1288,11 @@ def convert_omnimamba_checkpoint(
         model.save_pretrained(tmp, max_shard_size=max_shard_size)
         processor.save_pretrained(tmp)
         if verify:
+            del model  # its tensors are `converted`'s; the verification reloads from disk
             report["verification"] = verify_conversion(
-                tmp, original, converted=converted, device=verify_device, rtol=verify_rtol, progress=progress
-            )
+                tmp, original, converted=converted, dtype=_VERIFY_DTYPES[verify_dtype], device=verify_device,
+                rtol=verify_rtol, progress=progress,
+            )  # fmt: skip
         (tmp / "conversion_report.json").write_text(json.dumps(report, indent=1) + "\n")
         (tmp / "README.md").write_text(model_card(config, report, base_model))
     logger.info("wrote %s", target)
@@ -1334,7 +1371,11 @@ def build_arg_parser() -> argparse.ArgumentParser:
                      help="Reload the output and compare MMU/T2I logits and VQ decodes with an independent "
                      "implementation of the original formulae; the output is kept only if it passes.")  # fmt: skip
     chk.add_argument("--verify-device", default="cpu", help="Device for --verify (e.g. cuda).")
-    chk.add_argument("--verify-rtol", type=float, default=1e-4, help="Tolerance relative to max(1, max|ref|).")
+    chk.add_argument("--verify-dtype", default="float64", choices=sorted(_VERIFY_DTYPES),
+                     help="Compute dtype of both sides of --verify (float64: ~8 bytes/parameter, isolates conversion "
+                     "errors from float32 rounding).")  # fmt: skip
+    chk.add_argument("--verify-rtol", type=float,
+                     help="Tolerance relative to max(1, max|ref|) (default 1e-6 in float64, 1e-3 in float32).")  # fmt: skip
     chk.add_argument("--push-to-hub", metavar="REPO", help="Upload the finished directory to this Hub repo.")
     chk.add_argument("--private", action="store_true", help="Create the Hub repo as private.")
     p.add_argument("--quiet", action="store_true", help="No progress bars.")
@@ -1381,6 +1422,7 @@ def main(argv: list[str] | None = None) -> int:
             config_overrides=_read_overrides(args.config_overrides),
             verify=args.verify,
             verify_device=args.verify_device,
+            verify_dtype=args.verify_dtype,
             verify_rtol=args.verify_rtol,
             overwrite=args.overwrite,
             base_model=args.base_model or None,

@@ -31,7 +31,7 @@ TOKENIZER_VOCAB_SIZE = 512  # an upper bound: BPE stops when the demo texts have
 # Sizes of the demo model (see the module docstring).
 VISION_IMAGE_SIZE = 32
 VISION_PATCH_SIZE = 8
-VQ_IMAGE_SIZE = 16
+VQ_IMAGE_SIZE = 8
 VQ_GRID = 4
 VQ_CODES = 256
 CAPTION_SLOTS = 8
@@ -85,7 +85,7 @@ def demo_config(base_vocab_size: int | None = None, **overrides) -> OmniMambaCon
     for unused in ("soc_token_id", "eoc_token_id", "lvg_token_id"):
         ids.pop(unused)
     n_patches = (VISION_IMAGE_SIZE // VISION_PATCH_SIZE) ** 2
-    levels = 1 + (VQ_IMAGE_SIZE // VQ_GRID).bit_length() - 1  # one 2× downsample per level after the first
+    levels = (VQ_IMAGE_SIZE // VQ_GRID).bit_length()  # one 2× downsample per level after the first
     kwargs = dict(
         text_config={
             "hidden_size": 64,
@@ -110,9 +110,9 @@ def demo_config(base_vocab_size: int | None = None, **overrides) -> OmniMambaCon
         vq_config={
             "embed_dim": 8,
             "num_embeddings": VQ_CODES,
-            "latent_channels": 64,
+            "latent_channels": 32,
             "base_channels": 32,
-            "channel_multiplier": [1] * (levels - 1) + [2],
+            "channel_multiplier": [1] * levels,
             "num_res_blocks": 1,
             "num_patches": VQ_GRID,
             "image_size": VQ_IMAGE_SIZE,

@@ -44,9 +44,13 @@ _OUT_PROJ = _MIXER + r"out_proj$"
 TASK_ADAPTER_TARGET = r".*language_model\.layers\.\d+\.mixer\.in_proj"
 
 
-def _check_targets(names: Sequence[str], allow_out_proj: bool) -> None:
+def _check_targets(names: Sequence[str], allow_out_proj: bool, model: nn.Module | None = None) -> None:
     problems = []
+    modules = dict(model.named_modules()) if model is not None else {}
     for name in names:
+        parent = modules.get(name.rsplit(".", 1)[0]) if "." in name else None
+        if isinstance(parent, nn.MultiheadAttention):
+            problems.append(f"{name} (torch's MultiheadAttention reads out_proj.weight as a raw tensor)")
         for pattern, why in BYPASSED_TARGETS.items():
             if re.search(pattern, name):
                 problems.append(f"{name} ({why})")
@@ -87,7 +91,7 @@ def get_omnimamba_lora_model(
     targeted = [name for name, _ in model.named_modules() if name and check_target_module_exists(config, name)]
     if not targeted:
         raise ValueError(f"LoRA target_modules={target_modules!r} matched no module.")
-    _check_targets(targeted, allow_out_proj)
+    _check_targets(targeted, allow_out_proj, model)
     peft_model = get_peft_model(model, config, adapter_name=adapter_name)
     logger.info(f"User LoRA (r={r}, alpha={lora_alpha}) on {len(targeted)} modules, e.g. {targeted[0]}.")
     return peft_model

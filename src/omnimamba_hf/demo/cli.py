@@ -1,0 +1,220 @@
+"""`omnimamba-hf demo`, `omnimamba-hf describe` and `omnimamba-hf generate-image`.
+
+    omnimamba-hf demo [--output-dir DIR] [--force] [--quick]
+    omnimamba-hf describe IMAGE [--question "What digit is this?"] [--model DIR_OR_HUB_ID]
+    omnimamba-hf generate-image "a handwritten seven" -o out.png [--model DIR_OR_HUB_ID] [--seed N --top-k K]
+
+`demo` trains the embedded tiny OmniMamba on scikit-learn's digits once (about ten minutes on two CPU cores; `--quick`
+about two), caches it as a normal `save_pretrained` directory (`DIR/model`), then evaluates it on the held-out digits
+and writes `DIR/report.md`, `DIR/report.json`, `DIR/t2i_samples.png`, `DIR/mmu_examples.png`. Later runs load the
+cache. DIR defaults to `$OMNIMAMBA_HF_DEMO_DIR`, else `~/.cache/omnimamba-hf/demo` (`demo-quick` with `--quick`).
+
+`describe` and `generate-image` work on any OmniMamba directory or Hub id (`--model`); without one they use the demo
+model.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+
+ENV_VAR = "OMNIMAMBA_HF_DEMO_DIR"
+
+
+def default_demo_dir(quick: bool = False) -> str:
+    base = os.environ.get(ENV_VAR) or os.path.join(os.path.expanduser("~"), ".cache", "omnimamba-hf", "demo")
+    return base + "-quick" if quick and not os.environ.get(ENV_VAR) else base
+
+
+def demo_model_dir(output_dir: str) -> str:
+    return os.path.join(output_dir, "model")
+
+
+def _cached_recipe(output_dir: str) -> dict | None:
+    path = os.path.join(demo_model_dir(output_dir), "demo_info.json")
+    if not os.path.isfile(os.path.join(demo_model_dir(output_dir), "config.json")) or not os.path.isfile(path):
+        return None
+    try:
+        with open(path, encoding="utf-8") as f:
+            return json.load(f)
+    except (OSError, ValueError):
+        return None
+
+
+def _set_threads(threads: int | None) -> None:
+    import torch
+
+    if threads:
+        torch.set_num_threads(threads)
+
+
+def load_model(source: str, device: str = "auto"):
+    """`AutoModelForImageTextToText` + `AutoProcessor` from a directory or Hub id (float32, eval mode)."""
+    import torch
+    from transformers import AutoModelForImageTextToText, AutoProcessor
+
+    import omnimamba_hf  # noqa: F401 - registers the Auto classes
+
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    model = AutoModelForImageTextToText.from_pretrained(source, dtype=torch.float32).to(device).eval()
+    processor = AutoProcessor.from_pretrained(source)
+    return model, processor
+
+
+# ---- demo ---------------------------------------------------------------------------------------------------------------
+
+
+def demo_main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="omnimamba-hf demo",
+        description="Train (once, cached) and evaluate a tiny OmniMamba on scikit-learn's handwritten digits, offline on CPU.",
+    )
+    parser.add_argument("--output-dir", default=None, help=f"cache/output directory (default: ${ENV_VAR} or ~/.cache/omnimamba-hf/demo)")
+    parser.add_argument("--force", action="store_true", help="retrain even if a cached model exists")
+    parser.add_argument("--quick", action="store_true", help="a much shorter run (CI smoke test); results are weaker")
+    parser.add_argument("--no-eval", action="store_true", help="only build (or load) the model")
+    parser.add_argument("--samples-per-class", type=int, default=None, help="sampled T2I images per digit class")
+    parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
+    parser.add_argument("--quiet", action="store_true", help="no progress bars")
+    args = parser.parse_args(argv)
+
+    from .train import RECIPE_VERSION, DemoRecipe, train_demo_model
+
+    _set_threads(args.threads)
+    output_dir = os.path.abspath(args.output_dir or default_demo_dir(args.quick))
+    recipe = DemoRecipe.quick() if args.quick else DemoRecipe.full()
+    progress = not args.quiet
+    cached = _cached_recipe(output_dir)
+    usable = (
+        cached is not None
+        and cached.get("recipe_version") == RECIPE_VERSION
+        and cached.get("recipe", {}).get("name") == recipe.name
+    )
+    start = time.time()
+    if usable and not args.force:
+        print(f"Using the cached demo model in {demo_model_dir(output_dir)} (--force retrains).", flush=True)
+        train_report = cached
+    else:
+        if cached is not None and not args.force:
+            print(f"The cached model in {output_dir} is from another recipe; retraining.", flush=True)
+        print(
+            f"Training the demo model ({recipe.name} recipe) into {output_dir}: a VQ tokenizer, stage-1 MMU and T2I, "
+            "stage 2 on sklearn's digits.",
+            flush=True,
+        )
+        train_report = train_demo_model(output_dir, recipe, progress=progress)
+        print(f"Trained in {train_report['training_seconds']:.0f} s; saved to {demo_model_dir(output_dir)}", flush=True)
+    if args.no_eval:
+        return 0
+
+    from .evaluate import evaluate_demo, format_summary
+
+    model, processor = load_model(demo_model_dir(output_dir))
+    samples = args.samples_per_class or recipe.t2i_samples_per_class
+    report = evaluate_demo(
+        model, processor, output_dir, max_eval_images=recipe.max_eval_images, samples_per_class=samples,
+        seed=recipe.seed, progress=progress,
+    )  # fmt: skip
+    report["training_seconds"] = train_report.get("training_seconds")
+    report["recipe"] = recipe.name
+    report["wall_seconds_this_run"] = round(time.time() - start, 1)
+    from .evaluate import write_reports
+
+    write_reports(report, output_dir)
+    print("\n" + format_summary(report))
+    print(
+        f"\nWrote {os.path.join(output_dir, 'report.md')}, report.json, t2i_samples.png, mmu_examples.png\n"
+        f"Try:  omnimamba-hf describe IMAGE --question \"What digit is this?\"\n"
+        f"      omnimamba-hf generate-image \"a handwritten seven\" -o seven.png"
+    )
+    return 0
+
+
+# ---- describe / generate-image -----------------------------------------------------------------------------------------
+
+
+def _resolve_model(model: str | None) -> str:
+    if model:
+        return model
+    for candidate in (default_demo_dir(), default_demo_dir(quick=True)):
+        if _cached_recipe(candidate) is not None:
+            return demo_model_dir(candidate)
+    raise SystemExit(
+        "No --model given and no demo model is cached yet: run `omnimamba-hf demo` first (about ten minutes on CPU), "
+        "or pass --model with an OmniMamba directory or Hub id."
+    )
+
+
+def describe_main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="omnimamba-hf describe", description="Answer a question about an image (MMU).")
+    parser.add_argument("image", help="image path, http(s) URL or base64 data")
+    parser.add_argument("--question", "-q", default="What digit is this?", help="the question (default: %(default)r)")
+    parser.add_argument("--model", "-m", default=None, help="OmniMamba directory or Hub id (default: the demo model)")
+    parser.add_argument("--max-new-tokens", type=int, default=64)
+    parser.add_argument("--device", default="auto")
+    args = parser.parse_args(argv)
+
+    import torch
+
+    model, processor = load_model(_resolve_model(args.model), args.device)
+    messages = [{"role": "user", "content": [{"type": "image", "image": args.image}, {"type": "text", "text": args.question}]}]
+    try:
+        inputs = processor.apply_chat_template(messages, add_generation_prompt=True, tokenize=True, return_dict=True, return_tensors="pt")
+    except (ValueError, OSError, TypeError) as err:
+        print(f"omnimamba-hf describe: {err}", file=sys.stderr)
+        return 1
+    inputs = inputs.to(model.device)
+    room = model.config.mmu_max_position_embeddings + 1 - inputs["input_ids"].shape[1]
+    with torch.no_grad():
+        out = model.generate(**inputs, max_new_tokens=max(1, min(args.max_new_tokens, room)), do_sample=False)
+    print(processor.post_process_image_text_to_text(out[:, inputs["input_ids"].shape[1] :])[0].strip())
+    return 0
+
+
+def generate_image_main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="omnimamba-hf generate-image", description="Generate an image from text (T2I).")
+    parser.add_argument("prompt", help="the caption, e.g. 'a handwritten seven'")
+    parser.add_argument("-o", "--output", default="generated.png", help="PNG file to write (default: %(default)s)")
+    parser.add_argument("--model", "-m", default=None, help="OmniMamba directory or Hub id (default: the demo model)")
+    parser.add_argument("--seed", type=int, default=None, help="sample (top-k) with this seed instead of greedy decoding")
+    parser.add_argument("--top-k", type=int, default=8, help="top-k when sampling (default: %(default)s)")
+    parser.add_argument("--temperature", type=float, default=1.0)
+    parser.add_argument("--guidance-scale", type=float, default=None, help="classifier-free guidance (not in the original)")
+    parser.add_argument(
+        "--upscale", type=int, default=None,
+        help="nearest-neighbour upscale factor for the PNG (default: enough to reach 128 px; 1 keeps the native size)",
+    )  # fmt: skip
+    parser.add_argument("--device", default="auto")
+    args = parser.parse_args(argv)
+
+    import PIL.Image
+    import torch
+
+    model, processor = load_model(_resolve_model(args.model), args.device)
+    inputs = processor(text=[args.prompt], generation_mode="image", return_tensors="pt").to(model.device)
+    kwargs = {"do_sample": False}
+    if args.seed is not None:
+        torch.manual_seed(args.seed)
+        kwargs = {"do_sample": True, "top_k": args.top_k, "temperature": args.temperature}
+    if args.guidance_scale is not None:
+        kwargs["guidance_scale"] = args.guidance_scale
+    with torch.no_grad():
+        ids = model.generate(inputs["input_ids"], generation_mode="image", **kwargs)
+        image = processor.postprocess(model.decode_image_tokens(ids))[0]
+    native = image.size
+    factor = args.upscale if args.upscale is not None else max(1, -(-128 // max(image.size)))
+    if factor > 1:
+        image = image.resize((image.width * factor, image.height * factor), PIL.Image.NEAREST)
+    directory = os.path.dirname(os.path.abspath(args.output))
+    os.makedirs(directory, exist_ok=True)
+    image.save(args.output)
+    note = f", upscaled {factor}x from {native[0]}x{native[1]}" if factor > 1 else ""
+    print(f"Wrote {args.output} ({image.width}x{image.height}{note})")
+    return 0
+
+
+__all__ = ["default_demo_dir", "demo_main", "demo_model_dir", "describe_main", "generate_image_main", "load_model"]
