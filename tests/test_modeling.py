@@ -246,3 +246,38 @@ def test_bad_inputs_raise_clear_errors(model, config, make_inputs, message):
         return
     with pytest.raises(ValueError, match=message):
         model(**inputs)
+
+
+def test_saved_directory_loads_with_trust_remote_code_without_the_package(model, tmp_path):
+    """The saved directory carries the modeling code and an auto_map: a process that cannot import omnimamba_hf loads
+    it with trust_remote_code=True and computes the same logits."""
+    import json
+    import os
+    import subprocess
+    import sys
+
+    model.save_pretrained(tmp_path)
+    auto_map = json.loads((tmp_path / "config.json").read_text())["auto_map"]
+    assert auto_map["AutoModelForImageTextToText"] == "modeling_omnimamba.OmniMambaForConditionalGeneration"
+    assert (tmp_path / "modeling_omnimamba.py").exists() and (tmp_path / "mixer_omnimamba.py").exists()
+    ids = [[5, 6, 7, 8]]
+    code = f"""
+import sys, builtins, torch
+real_import = builtins.__import__
+def guarded(name, *args, **kwargs):
+    if name.split(".")[0] == "omnimamba_hf":
+        raise ImportError("omnimamba_hf must not be needed")
+    return real_import(name, *args, **kwargs)
+builtins.__import__ = guarded
+from transformers import AutoModelForImageTextToText
+m = AutoModelForImageTextToText.from_pretrained({str(tmp_path)!r}, trust_remote_code=True).eval()
+assert type(m).__module__.startswith("transformers_modules"), type(m).__module__
+print(repr(m(input_ids=torch.tensor({ids})).logits.sum().item()))
+"""
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    env["HF_MODULES_CACHE"] = str(tmp_path / "modules")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, cwd=tmp_path)
+    assert out.returncode == 0, out.stderr[-3000:]
+    with torch.no_grad():
+        expected = model(input_ids=torch.tensor(ids)).logits.sum().item()
+    assert float(out.stdout.strip().splitlines()[-1]) == expected

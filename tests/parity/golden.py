@@ -271,6 +271,11 @@ def compare_one(name: str, ref: torch.Tensor, got: torch.Tensor, *, kind: str | 
         return Row(name, kind, False, None, f"error: {e}")
 
 
+def _eos_for(name: str, eos: int | None) -> int | None:
+    """Only text generation stops at eos; image codes include the value 0 as an ordinary code."""
+    return eos if name.startswith("mmu") else None
+
+
 def compare_outputs(ref: dict, got: dict, *, eos: int | None, tol: float = FP32_TOL, names=None) -> list[Row]:
     rows = []
     for name in names or QUANTITIES:
@@ -281,7 +286,7 @@ def compare_outputs(ref: dict, got: dict, *, eos: int | None, tol: float = FP32_
         if kind == "greedy_logits":
             seq = GREEDY_PAIRS[name]
             extra = dict(ref_seq=ref[seq], got_seq=got[seq])
-        rows.append(compare_one(name, ref[name], got[name], kind=kind, tol=tol, eos=eos, **extra))
+        rows.append(compare_one(name, ref[name], got[name], kind=kind, tol=tol, eos=_eos_for(name, eos), **extra))
     return rows
 
 
@@ -300,18 +305,34 @@ def bf16_rows(ref32: dict, orig16: dict, port16: dict, *, eos: int | None) -> li
             ok = p <= BF16_RATIO * o + BF16_FLOOR
             rows.append(dict(quantity=name, kind=kind, ok=ok, orig_bf16_vs_fp32=o, port_bf16_vs_fp32=p,
                              port_vs_orig_bf16=x))  # fmt: skip
-        elif kind in ("greedy", "ids"):
-            if kind == "greedy":
-                want = _greedy_len(ref32[name], eos)
-                rows.append(dict(quantity=name, kind=kind, ok=None, reference_length=want,
-                                 orig_bf16_vs_fp32=greedy_match(ref32[name], orig16[name], eos),
-                                 port_bf16_vs_fp32=greedy_match(ref32[name], port16[name], eos),
-                                 port_vs_orig_bf16=greedy_match(orig16[name], port16[name], eos)))  # fmt: skip
-            else:
-                rows.append(dict(quantity=name, kind=kind, ok=None,
-                                 orig_bf16_vs_fp32=int((ref32[name] != orig16[name]).sum()),
-                                 port_bf16_vs_fp32=int((ref32[name] != port16[name]).sum()),
-                                 port_vs_orig_bf16=int((orig16[name] != port16[name]).sum())))  # fmt: skip
+        elif kind == "greedy":
+            e = _eos_for(name, eos)
+            rows.append(dict(quantity=name, kind=kind, ok=None, reference_length=_greedy_len(ref32[name], e),
+                             orig_bf16_vs_fp32=greedy_match(ref32[name], orig16[name], e),
+                             port_bf16_vs_fp32=greedy_match(ref32[name], port16[name], e),
+                             port_vs_orig_bf16=greedy_match(orig16[name], port16[name], e)))  # fmt: skip
+        elif kind == "greedy_logits":
+            # the steps on which all three share the fp32 prefix
+            seq, e = GREEDY_PAIRS[name], _eos_for(name, eos)
+            common = [min(a, b) for a, b in zip(greedy_match(ref32[seq], orig16[seq], e),
+                                                greedy_match(ref32[seq], port16[seq], e))]  # fmt: skip
+
+            def err(x, y):
+                worst = 0.0
+                for row, m in enumerate(common):
+                    upto = min(m + 1, x.shape[1], y.shape[1])
+                    if upto > 0:
+                        worst = max(worst, _scaled_err(x[row, :upto], y[row, :upto])[0])
+                return worst
+
+            o, p, x = err(ref32[name], orig16[name]), err(ref32[name], port16[name]), err(orig16[name], port16[name])
+            rows.append(dict(quantity=name, kind=kind, ok=p <= BF16_RATIO * o + BF16_FLOOR, steps=sum(common),
+                             orig_bf16_vs_fp32=o, port_bf16_vs_fp32=p, port_vs_orig_bf16=x))  # fmt: skip
+        elif kind == "ids":
+            rows.append(dict(quantity=name, kind=kind, ok=None,
+                             orig_bf16_vs_fp32=int((ref32[name] != orig16[name]).sum()),
+                             port_bf16_vs_fp32=int((ref32[name] != port16[name]).sum()),
+                             port_vs_orig_bf16=int((orig16[name] != port16[name]).sum())))  # fmt: skip
     return rows
 
 

@@ -628,6 +628,18 @@ def main(argv=None) -> int:
 
         sys.path.insert(0, str(HERE.parent / "cpu_stubs"))
         os.environ["OMNIMAMBA_DISABLE_KERNELS"] = "1"
+        import torch
+
+        if not torch.cuda.is_available():  # the original's decode() creates CUDA events unconditionally
+
+            class _Event:
+                def __init__(self, *a, **k):
+                    pass
+
+                def record(self, *a, **k):
+                    pass
+
+            torch.cuda.Event = _Event
     import torch
 
     torch.backends.cuda.matmul.allow_tf32 = args.tf32

@@ -42,6 +42,15 @@ from .vision_omnimamba import OmniMambaVisionModel
 from .vq_omnimamba import OmniMambaVQVAE
 
 
+# `trust_remote_code` export: these classes are copied next to the weights by `save_pretrained` (their files import
+# only torch, transformers and each other with single-dot imports).
+AUTO_MAP = {
+    "AutoConfig": "configuration_omnimamba.OmniMambaConfig",
+    "AutoModel": "modeling_omnimamba.OmniMambaModel",
+    "AutoModelForImageTextToText": "modeling_omnimamba.OmniMambaForConditionalGeneration",
+    "AutoModelForMultimodalLM": "modeling_omnimamba.OmniMambaForConditionalGeneration",
+}
+
 # ---- outputs --------------------------------------------------------------------------------------------------------
 
 
@@ -189,6 +198,12 @@ class OmniMambaPreTrainedModel(PreTrainedModel):
     # Trainer: the loss is a per-task token mean (original semantics), not a sum to be divided by num_items_in_batch.
     accepts_loss_kwargs = False
 
+    def save_pretrained(self, save_directory, *args, **kwargs):
+        """Also writes this package's modeling files and an `auto_map`, so that the directory (or a Hub repo made from
+        it) loads with `trust_remote_code=True` where `omnimamba_hf` is not installed."""
+        self.config.auto_map = {**(getattr(self.config, "auto_map", None) or {}), **AUTO_MAP}
+        return super().save_pretrained(save_directory, *args, **kwargs)
+
     @torch.no_grad()
     def _init_weights(self, module):
         super()._init_weights(module)
@@ -247,6 +262,8 @@ class OmniMambaModel(OmniMambaPreTrainedModel):
     >>> model = OmniMambaModel(OmniMambaConfig(text_config={"num_hidden_layers": 2}))  # doctest: +SKIP
     ```
     """
+
+    _auto_class = "AutoModel"  # copy the code files on save (see AUTO_MAP)
 
     def __init__(self, config: OmniMambaConfig):
         super().__init__(config)
@@ -480,6 +497,7 @@ class OmniMambaForConditionalGeneration(OmniMambaPreTrainedModel, OmniMambaGener
     ```
     """
 
+    _auto_class = "AutoModelForImageTextToText"  # copy the code files on save (see AUTO_MAP)
     _tied_weights_keys = {
         "lm_head.weight": "model.language_model.embeddings.weight",
         "image_head.weight": "model.image_embeddings.embeddings.weight",
