@@ -4,11 +4,12 @@ Full size (the released 1.3B layout, 48 T2I + 3 MMU per device, bf16 autocast, f
 `accelerate --mixed_precision=bf16`), on the GPU with the mamba-ssm / causal-conv1d kernels when installed:
 
     python benchmarks/train_step_benchmark.py --steps 20 --warmup 3 --output results/train_step.json
-    python benchmarks/train_step_benchmark.py --activation-checkpointing          # if the default does not fit
+    python benchmarks/train_step_benchmark.py --activation-checkpointing          # recompute each Mamba block
     python benchmarks/train_step_benchmark.py --tiny --steps 2 --warmup 1         # CPU smoke test (used by the tests)
 
 Reports steps/s, samples/s, tokens/s, the per-task losses and the peak GPU memory (allocated and reserved), as JSON
-(stdout and `--output`). The batch goes through the real collator and Trainer step: two forwards (T2I 329 ids, MMU
+(stdout and `--output`). A run that does not fit without activation checkpointing is retried with it (reported as
+`oom_without_activation_checkpointing`; `--on-oom fail` to stop instead). The batch goes through the real collator and Trainer step: two forwards (T2I 329 ids, MMU
 4 + 729 + 449 = 1182 ids), one backward, AdamW (betas 0.9/0.95), grad-norm clipping 1.0, cosine-with-min-lr schedule.
 """
 
@@ -135,6 +136,8 @@ def parse_args(argv=None):
     p.add_argument("--no-bf16", action="store_true", help="fp32 instead of bf16 autocast (CPU runs are always fp32)")
     p.add_argument("--activation-checkpointing", action="store_true", help="recompute each Mamba block in backward")
     p.add_argument("--torch-compile", action="store_true", help="TrainingArguments(torch_compile=True)")
+    p.add_argument("--on-oom", choices=["retry", "fail"], default="retry",
+                   help="retry: after an out-of-memory without activation checkpointing, rerun with it (default)")
     p.add_argument("--num-workers", type=int, default=None, help="DataLoader workers (default 4 on GPU, 0 on CPU)")
     p.add_argument("--learning-rate", type=float, default=1e-4)
     p.add_argument("--seed", type=int, default=0)
@@ -172,35 +175,66 @@ def main(argv=None) -> dict:
     )
     collator = OmniMambaDataCollator(config, image_processor=image_processor, max_text_length=max_text_length)
     workers = args.num_workers if args.num_workers is not None else (4 if cuda else 0)
-    timer = StepTimer(args.warmup)
-    with tempfile.TemporaryDirectory() as out_dir:
-        training_args = OmniMambaTrainingArguments(
-            output_dir=out_dir,
-            stage=args.stage,
-            per_device_mmu_batch_size=mmu_batch,
-            per_device_t2i_batch_size=t2i_batch,
-            max_steps=total_steps,
-            learning_rate=args.learning_rate,
-            adam_beta2=0.95,
-            lr_scheduler_type="cosine_with_min_lr",
-            lr_scheduler_kwargs={"min_lr_rate": 0.01},
-            bf16=bf16,
-            tf32=cuda,
-            activation_checkpointing=args.activation_checkpointing,
-            torch_compile=args.torch_compile,
-            logging_steps=1,
-            save_strategy="no",
-            report_to="none",
-            dataloader_num_workers=workers,
-            dataloader_pin_memory=cuda,
-            disable_tqdm=True,
-            use_cpu=not cuda,
-            seed=args.seed,
-        )
-        trainer = OmniMambaTrainer(model, training_args, train_dataset=dataset, data_collator=collator, callbacks=[timer])
-        trainer.train()
-        history = task_loss_history(trainer.state.log_history)
 
+    def run(checkpointing: bool):
+        """One timed Trainer run; None when it runs out of GPU memory (everything it allocated is released)."""
+        timer = StepTimer(args.warmup)
+        with tempfile.TemporaryDirectory() as out_dir:
+            training_args = OmniMambaTrainingArguments(
+                output_dir=out_dir,
+                stage=args.stage,
+                per_device_mmu_batch_size=mmu_batch,
+                per_device_t2i_batch_size=t2i_batch,
+                max_steps=total_steps,
+                learning_rate=args.learning_rate,
+                adam_beta2=0.95,
+                lr_scheduler_type="cosine_with_min_lr",
+                lr_scheduler_kwargs={"min_lr_rate": 0.01},
+                bf16=bf16,
+                tf32=cuda,
+                activation_checkpointing=checkpointing,
+                torch_compile=args.torch_compile,
+                logging_steps=1,
+                save_strategy="no",
+                report_to="none",
+                dataloader_num_workers=workers,
+                dataloader_pin_memory=cuda,
+                disable_tqdm=True,
+                use_cpu=not cuda,
+                seed=args.seed,
+            )
+            trainer = OmniMambaTrainer(model, training_args, train_dataset=dataset, data_collator=collator, callbacks=[timer])
+            try:
+                trainer.train()
+            except torch.cuda.OutOfMemoryError as err:
+                print(f"out of GPU memory (activation_checkpointing={checkpointing}): {str(err)[:200]}", file=sys.stderr)
+                oom = True
+            else:
+                oom = False
+            history = task_loss_history(trainer.state.log_history)
+            report = trainer.stage_report
+            trainer.optimizer = trainer.lr_scheduler = None
+            del trainer
+        model.zero_grad(set_to_none=True)
+        if checkpointing:
+            model.activation_checkpointing_disable()
+        if cuda:
+            import gc
+
+            gc.collect()
+            torch.cuda.empty_cache()
+        return None if oom else (timer, history, report)
+
+    checkpointing = args.activation_checkpointing
+    oom_without_checkpointing = None
+    outcome = run(checkpointing)
+    if outcome is None and not checkpointing and args.on_oom == "retry":
+        oom_without_checkpointing = True
+        checkpointing = True
+        outcome = run(True)
+    if outcome is None:
+        raise SystemExit("Out of GPU memory; lower --t2i-batch / --mmu-batch.")
+    timer, history, report = outcome
     times = timer.times
     tokens_per_step = mmu_batch * (4 + config.num_image_tokens + max_text_length) + t2i_batch * (
         config.t2i_caption_length + 5 + config.num_generated_image_tokens
@@ -211,13 +245,13 @@ def main(argv=None) -> dict:
         "config": "tiny" if args.tiny else "OmniMamba-1.3B (released layout, random weights)",
         "kernels": mamba_kernels() is not None if cuda else False,
         "precision": "bf16 autocast, fp32 weights" if bf16 else "fp32",
-        "activation_checkpointing": args.activation_checkpointing,
+        "activation_checkpointing": checkpointing,
+        "oom_without_activation_checkpointing": oom_without_checkpointing,
         "torch_compile": args.torch_compile,
         "stage": args.stage,
         "batch_per_step": {"mmu": mmu_batch, "t2i": t2i_batch},
         "tokens_per_step": tokens_per_step,
-        "parameters": {"total": trainer.stage_report.trainable + trainer.stage_report.frozen,
-                       "trainable": trainer.stage_report.trainable},
+        "parameters": {"total": report.trainable + report.frozen, "trainable": report.trainable},
         "init_seconds": round(init_s, 2),
         "timed_steps": len(times),
         "seconds_per_step_mean": round(mean, 4),

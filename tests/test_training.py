@@ -56,6 +56,15 @@ ANSWERS = ["a cat", "a dog", "seven", "a red bicycle"]
 # ---- fixtures -----------------------------------------------------------------------------------------------------
 
 
+@pytest.fixture(scope="module", autouse=True)
+def single_thread():
+    """The tiny models are faster on one thread, and do not collapse when the CPU is shared."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 @pytest.fixture(scope="module")
 def config():
     return tiny_config()
@@ -209,6 +218,35 @@ def test_stage_presets_freeze_exactly_what_the_spec_says(config):
     assert set(STAGES) == {"stage1_mmu", "stage1_t2i", "stage2"} and get_stage("2").name == "stage2"
     with pytest.raises(ValueError, match="Unknown training stage"):
         get_stage("stage3")
+
+
+def test_stage_initialisation_helpers(config):
+    from omnimamba_hf.training import load_mamba2_text_weights, merge_stage_checkpoints
+
+    # stage 1 starts from a Mamba-2 LM (mamba_ssm key layout), spec §1.8
+    donor, target = new_model(config, seed=1), new_model(config, seed=2)
+    lm = {k: v for k, v in donor.state_dict().items() if k.startswith("model.language_model.") and "task_adapters" not in k}
+    mamba = {k.replace("model.language_model.", "backbone.").replace("backbone.embeddings.", "backbone.embedding."): v for k, v in lm.items()}
+    mamba["lm_head.weight"] = mamba["backbone.embedding.weight"]
+    adapters_before = {k: v.clone() for k, v in target.state_dict().items() if "task_adapters" in k}
+    assert len(load_mamba2_text_weights(target, mamba)) == len(lm)
+    state = target.state_dict()
+    assert all(torch.equal(state[k], v) for k, v in lm.items())
+    assert all(torch.equal(state[k], v) for k, v in adapters_before.items())  # adapters keep their init
+    del mamba["backbone.norm_f.weight"]
+    with pytest.raises(ValueError, match="norm_f"):
+        load_mamba2_text_weights(target, mamba)
+
+    # stage 2 starts from the two stage-1 results (spec §7.6): each contributes what its stage trained
+    mmu_run, t2i_run, base = new_model(config, seed=3), new_model(config, seed=4), new_model(config, seed=5)
+    counts = merge_stage_checkpoints(base, {"stage1_mmu": mmu_run, "stage1_t2i": t2i_run})
+    assert counts["stage1_mmu"] > 0 and counts["stage1_t2i"] > 0
+    merged = base.state_dict()
+    assert torch.equal(merged["model.projector.linear_1.weight"], mmu_run.state_dict()["model.projector.linear_1.weight"])
+    key = "model.language_model.layers.0.mixer.in_proj.task_adapters.t2i.down.weight"
+    assert torch.equal(merged[key], t2i_run.state_dict()[key])
+    assert torch.equal(merged["lm_head.weight"], t2i_run.state_dict()["model.language_model.embeddings.weight"])
+    assert torch.equal(merged["model.vision_model.dino.embeddings.cls_token"], new_model(config, seed=5).state_dict()["model.vision_model.dino.embeddings.cls_token"])
 
 
 # ---- collators ----------------------------------------------------------------------------------------------------
@@ -428,6 +466,12 @@ def test_mixed_batch_sampler_ratio_cycling_determinism_and_sharding():
         MixedTaskBatchSampler({"mmu": 2, "t2i": 8}, {"mmu": 3, "t2i": 4})
     with pytest.raises(ValueError, match="no t2i data"):
         MixedTaskBatchSampler({"mmu": 8}, {"mmu": 2, "t2i": 4})
+    # epochs also reach the sampler through the dataset (accelerate's fallback when wrappers hide the sampler)
+    dataset = MixedTaskDataset(mmu=[{"image": None}] * 8, t2i=[{"tokens": []}] * 16)
+    sampler = MixedTaskBatchSampler(dataset.task_sizes, {"mmu": 2, "t2i": 4})
+    dataset.attach_sampler(sampler)
+    dataset.set_epoch(3)
+    assert sampler.epoch == 3
 
 
 # ---- trainer ------------------------------------------------------------------------------------------------------
@@ -452,6 +496,9 @@ def test_training_reduces_both_losses_and_logs_them_separately(config, processor
             assert torch.equal(p, frozen_before[n]), n
     assert trainer.stage_report.trainable < trainer.stage_report.frozen
     assert model.config.bos_token_id is None and model.generation_config.bos_token_id is None  # not "aligned" to 0
+    metrics = trainer.evaluate(eval_dataset=trainer.train_dataset)  # one pass over each stream, no cycling
+    assert {"eval_loss", "eval_loss_mmu", "eval_loss_t2i"} <= set(metrics)
+    assert metrics["eval_loss_mmu"] < history["loss_mmu"][0] and metrics["eval_loss_t2i"] < history["loss_t2i"][0]
 
     # weight decay groups: matrices decayed; A_log, D, dt_bias, norms, biases, position tables not
     decay = set(trainer.get_decay_parameter_names(model))
@@ -598,23 +645,34 @@ def test_config_precedence_and_original_yaml(tmp_path):
         parse_training_args(["--config", str(tmp_path / "bad.yaml")])
 
 
-def test_cli_trains_a_stage_end_to_end(config, processor, data_dir, tmp_path):
-    from omnimamba_hf.training.cli import train_main
-
-    config.save_pretrained(tmp_path / "config")
-    processor.save_pretrained(tmp_path / "processor")
-    out = tmp_path / "out"
-    (tmp_path / "run.yaml").write_text(
-        f"model:\n  config_name: {tmp_path / 'config'}\n  processor_name_or_path: {tmp_path / 'processor'}\n"
+@pytest.fixture(scope="module")
+def run_yaml(config, processor, data_dir, tmp_path_factory):
+    """A stage-2 YAML config for the CLI: tiny model config + saved processor + the fixture data."""
+    d = tmp_path_factory.mktemp("cli")
+    config.save_pretrained(d / "config")
+    processor.save_pretrained(d / "processor")
+    (d / "run.yaml").write_text(
+        f"model:\n  config_name: {d / 'config'}\n  processor_name_or_path: {d / 'processor'}\n"
         f"data:\n  mmu_data: {data_dir / 'llava.json'}\n  mmu_image_root: {data_dir / 'images'}\n"
         f"  t2i_data: {data_dir / 't2i.jsonl'}\n  max_text_length: {TEXT_LEN}\n"
-        f"training:\n  stage: stage2\n  output_dir: {out}\n  per_device_mmu_batch_size: 2\n  per_device_t2i_batch_size: 4\n"
-        "  max_steps: 2\n  logging_steps: 1\n  save_strategy: 'no'\n  bf16: false\n  use_cpu: true\n  report_to: none\n"
-        "  disable_tqdm: true\n"
+        f"training:\n  stage: stage2\n  output_dir: {d / 'out'}\n  per_device_mmu_batch_size: 2\n"
+        "  per_device_t2i_batch_size: 4\n  max_steps: 2\n  logging_steps: 1\n  save_strategy: 'no'\n  bf16: false\n"
+        "  use_cpu: true\n  report_to: none\n  disable_tqdm: true\n"
     )
-    assert train_main(["--config", str(tmp_path / "run.yaml"), "--learning_rate", "1e-3"]) == 0
-    logs = [json.loads(line) for line in (out / "train_log.jsonl").read_text().splitlines()]
-    train_logs = [entry for entry in logs if "loss" in entry]
+    return d / "run.yaml"
+
+
+def read_log(out_dir):
+    lines = (out_dir / "train_log.jsonl").read_text().splitlines()
+    return [entry for entry in map(json.loads, lines) if "loss" in entry]
+
+
+def test_cli_trains_a_stage_end_to_end(config, run_yaml, tmp_path):
+    from omnimamba_hf.training.cli import train_main
+
+    out = tmp_path / "out"
+    assert train_main(["--config", str(run_yaml), "--learning_rate", "1e-3", "--output_dir", str(out)]) == 0
+    train_logs = read_log(out)
     assert len(train_logs) == 2 and all("loss_mmu" in e and "loss_t2i" in e for e in train_logs)
     assert train_logs[0]["learning_rate"] == pytest.approx(1e-3, rel=0.05)  # the command line beats the stage default
     report = json.loads((out / "stage_report.json").read_text())
@@ -622,6 +680,32 @@ def test_cli_trains_a_stage_end_to_end(config, processor, data_dir, tmp_path):
     assert (out / "model.safetensors").exists() and (out / "processor_config.json").exists()
     reloaded = OmniMambaForConditionalGeneration.from_pretrained(out)
     assert reloaded.config.text_vocab_size == config.text_vocab_size
+
+
+def test_ddp_on_two_cpu_processes_trains_and_resumes(run_yaml, tmp_path):
+    """torchrun + gloo: every process gets its own mixed batches, two forwards + one backward under DDP
+    (find_unused_parameters=False), per-task losses reduced over processes, and a mid-epoch resume."""
+    import subprocess
+
+    script = tmp_path / "ddp_run.py"
+    script.write_text(
+        "import sys\nfrom omnimamba_hf.training.cli import train_main\n"
+        "cfg, out = sys.argv[1], sys.argv[2]\n"
+        "common = ['--config', cfg, '--max_steps', '5', '--logging_steps', '1', '--dataloader_num_workers', '1',\n"
+        "          '--per_device_mmu_batch_size', '1', '--per_device_t2i_batch_size', '2']\n"
+        "train_main(common + ['--output_dir', out + '/a', '--save_strategy', 'steps', '--save_steps', '3'])\n"
+        "train_main(common + ['--output_dir', out + '/b', '--resume_from_checkpoint', out + '/a/checkpoint-3'])\n"
+    )
+    src = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "src")
+    env = {**os.environ, "PYTHONPATH": src + os.pathsep + os.environ.get("PYTHONPATH", ""), "OMP_NUM_THREADS": "1"}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2", str(script), str(run_yaml), str(tmp_path)]
+    done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    full, resumed = read_log(tmp_path / "a"), read_log(tmp_path / "b")
+    assert [e["step"] for e in full] == [1, 2, 3, 4, 5] and [e["step"] for e in resumed] == [4, 5]
+    for a, b in zip(full[3:], resumed):  # 4 batches of 1 MMU + 2 T2I per epoch, 2 per process: step 4 is mid-epoch
+        for key in ("loss", "loss_mmu", "loss_t2i", "grad_norm"):
+            assert math.isclose(a[key], b[key], rel_tol=1e-5), (key, a, b)
 
 
 def test_train_step_benchmark_runs_tiny_on_cpu(tmp_path):

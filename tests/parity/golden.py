@@ -1,4 +1,4 @@
-"""The port side of the parity checks, the tolerances and the comparison, shared by the GPU harness
+r"""The port side of the parity checks, the tolerances and the comparison, shared by the GPU harness
 (`run_original_parity.py`) and the CPU golden test (`tests/test_parity_golden.py`).
 
 Every quantity is computed from the same inputs on both sides; `inputs` is a dict of tensors (the fixture file
@@ -298,7 +298,10 @@ def bf16_rows(ref32: dict, orig16: dict, port16: dict, *, eos: int | None) -> li
     for name, kind in QUANTITIES.items():
         if name not in ref32 or name not in orig16 or name not in port16:
             continue
-        if kind == "float":
+        if name == "t2i_images" and not (torch.equal(ref32["t2i_greedy"], orig16["t2i_greedy"])
+                                         and torch.equal(ref32["t2i_greedy"], port16["t2i_greedy"])):  # fmt: skip
+            rows.append(dict(quantity=name, kind=kind, ok=None, note="not comparable: the bf16 greedy codes differ"))
+        elif kind == "float":
             o, _, _ = _scaled_err(ref32[name], orig16[name])
             p, _, _ = _scaled_err(ref32[name], port16[name])
             x, _, _ = _scaled_err(orig16[name], port16[name])

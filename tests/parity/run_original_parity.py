@@ -55,13 +55,13 @@ SIZES = {
     # 1500-row MMU table, LoRA r 8 / alpha 32, the special-token arithmetic (base vocabulary ≡ 5 mod 16, as 50277).
     "tiny": dict(
         omnimamba_model="OmniMamba-tiny",
-        mamba=dict(d_model=48, n_layer=2, vocab_size=293, vqvae_vocab_size=64, num_tokens=256,
+        mamba=dict(d_model=32, n_layer=2, vocab_size=293, vqvae_vocab_size=64, num_tokens=256,
                    ssm_cfg={"layer": "Mamba2", "d_state": 32, "headdim": 32}),  # fmt: skip
         base_vocab=293,
         image_size=42,  # 3×3 = 9 patches of 14 px
         towers={
             "vit_large_patch14_reg4_dinov2": dict(embed_dim=32, depth=3, num_heads=2),
-            "vit_so400m_patch14_siglip_384": dict(embed_dim=40, depth=3, num_heads=2, mlp_ratio=2.5),
+            "vit_so400m_patch14_siglip_384": dict(embed_dim=24, depth=3, num_heads=2, mlp_ratio=2.5),
         },
         heads=dict(dino_num_attention_heads=2, siglip_num_attention_heads=2),
         vq=dict(codebook_size=64, codebook_embed_dim=8, z_channels=16, ch=32, ch_mult=(1, 1), num_res_blocks=1),
@@ -83,7 +83,7 @@ SIZES = {
     ),
 }
 CAPTION_SLOTS = 68  # scripts/inference_t2i.py: max_token_len
-MMU_QUESTION = "What is shown in this image? Please describe it in detail."
+MMU_QUESTION = "What is this?"
 MMU_ANSWER = " A red bicycle leaning against a wall.<|endoftext|>"
 T2I_CAPTIONS = [
     "A photo of a red bicycle leaning against a wall.",
@@ -266,6 +266,11 @@ def build_original(mods, original: Path, size: str):
     config["omnimamba_model"] = SIZES[size]["omnimamba_model"]
     args = argparse.Namespace(**config)
     model = mods["OmniMamba"](args, stage="inference")
+    up = model.llm_backbone.uni_prompting
+    if any(v.device.type != "cpu" for v in up.sptids_dict.values()):
+        # built under a CUDA default device: the original builds these id tensors on the CPU (its scripts and
+        # OmniMamba.forward combine them with CPU tensors and move the result), so keep them there
+        up.sptids_dict = {k: v.cpu() for k, v in up.sptids_dict.items()}
     if size == "tiny":
         # mmu_uni_ids2embed (text-only layout) inserts `img_sq_len` zero embeddings, hard-coded 729 (= 27²)
         grid = SIZES[size]["image_size"] // 14
@@ -342,12 +347,6 @@ def randomize_(model, seed: int) -> int:
     return n
 
 
-def original_state_dict(model) -> dict:
-    """`OmniMamba.state_dict()` with the tied aliases as separate tensors (as the released `.pth` stores them)."""
-    out = {}
-    for k, v in model.state_dict().items():
-        out[k] = v.detach().clone()
-    return out
 
 
 # ---- inputs -----------------------------------------------------------------------------------------------------------
@@ -614,6 +613,7 @@ def main(argv=None) -> int:
     ap.add_argument("--cpu-stubs", action="store_true", help="dry run with tests/parity/cpu_stubs (not golden)")
     ap.add_argument("--deadline", type=float, default=1e9, help="seconds; later stages are skipped after it")
     ap.add_argument("--no-fixture", action="store_true")
+    ap.add_argument("--stop-after", choices=("built", "converted"), default=None, help="dry runs: stop early")
     args = ap.parse_args(argv)
     t_start = time.time()
     if not args.tf32:
@@ -643,6 +643,13 @@ def main(argv=None) -> int:
     import torch
 
     torch.backends.cuda.matmul.allow_tf32 = args.tf32
+    numerics = {"TRITON_F32_DEFAULT": os.environ.get("TRITON_F32_DEFAULT")}
+    try:
+        import triton
+
+        numerics["triton.knobs.language.fp32_default"] = str(triton.knobs.language.fp32_default)
+    except Exception as e:  # older/newer Triton without knobs, or no Triton
+        numerics["triton.knobs"] = repr(e)[:200]
     torch.backends.cudnn.allow_tf32 = args.tf32
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     cg = device.type == "cuda"
@@ -651,7 +658,7 @@ def main(argv=None) -> int:
     out_dir.mkdir(parents=True, exist_ok=True)
     dtypes = [d for d in args.dtypes.split(",") if d]
     report = {"size": args.size, "seed": args.seed, "device": str(device), "tf32": args.tf32,
-              "cpu_stubs": args.cpu_stubs, "versions": versions(), "patches": PATCHES, "timings_s": {},
+              "cpu_stubs": args.cpu_stubs, "numerics": numerics, "versions": versions(), "patches": PATCHES, "timings_s": {},
               "results": {}, "errors": []}  # fmt: skip
 
     def save_report():
@@ -670,21 +677,33 @@ def main(argv=None) -> int:
     mods = install_offline_patches(args.original.resolve(), args.size, base_tok, work)
     torch.manual_seed(args.seed)
     build_device = device if (args.size == "full" and device.type == "cuda") else torch.device("cpu")
-    with torch.device(build_device):
+    try:
+        with torch.device(build_device):  # full size: built on the GPU (minutes of CPU init otherwise)
+            original = build_original(mods, args.original.resolve(), args.size)
+    except Exception:
+        if build_device.type == "cpu":
+            raise
+        report["errors"].append({"stage": f"build on {build_device} (retried on cpu)", "traceback": traceback.format_exc()})
+        log(traceback.format_exc())
+        build_device = torch.device("cpu")
         original = build_original(mods, args.original.resolve(), args.size)
     stage(f"built original on {build_device}")
     n = randomize_(original, args.seed)
     original.to(device)
     report["randomized_tensors"] = n
-    sd = original_state_dict(original)
+    sd = original.state_dict()  # views of the live tensors (the tied aliases as separate keys, as in the release)
     report["original_state_dict_entries"] = len(sd)
     report["original_parameters"] = sum(p.numel() for p in original.parameters())
     stage("randomized")
+    if args.stop_after == "built":
+        return 0
 
     inputs, texts = make_inputs(mods, original, args.size, args.seed)
     eos = original.llm_backbone.uni_prompting.text_tokenizer.eos_token_id
     ref = {}
     try:
+        if args.stop_after:
+            raise RuntimeError("--stop-after: the original is not run")
         ref = run_original(original, inputs, args.size, torch.float32, device, cg)
         ref["preprocess"] = original_preprocess(original, inputs)
         ref["ids_t2i"] = inputs["t2i_input_ids"]
@@ -705,7 +724,7 @@ def main(argv=None) -> int:
         loaded = {k: v.float() for k, v in load_file(str(weights_path)).items()}
         loaded["llm_backbone.vqvae.quantize.codebook_used"] = torch.zeros(65536)
     else:
-        loaded = {k: v.clone().float() for k, v in sd.items()}
+        loaded = {k: v.float() for k, v in sd.items()}  # no copy: the port shares the (read-only) fp32 storage
     del keep
     conversion = dict(t2i_caption_length=CAPTION_SLOTS, **spec["heads"])
     port = golden.convert_original(loaded, base_tok, conversion, torch.float32).to(device).eval()
@@ -727,6 +746,8 @@ def main(argv=None) -> int:
                              "hidden_size": port.config.text_config.hidden_size,
                              "num_hidden_layers": port.config.text_config.num_hidden_layers}  # fmt: skip
     stage("converted")
+    if args.stop_after == "converted":
+        return 0
 
     decoders = [d for d in spec["decoders"] if device.type == "cuda" or d != "auto"] or ["eager"]
     port32 = {}
@@ -745,10 +766,40 @@ def main(argv=None) -> int:
 
     # the golden fixture (tiny)
     if args.size == "tiny" and not args.no_fixture and ref:
-        tensors = {k: v.contiguous() for k, v in ref.items()}
+        tensors = {k: v.contiguous() for k, v in ref.items() if k != "preprocess"}  # = the pixel inputs
         save_file(tensors, str(out_dir / "outputs.safetensors"))
         save_file({k: v.contiguous() for k, v in inputs.items()}, str(out_dir / "inputs.safetensors"))
         (out_dir / "tokenizer.json").write_text(tok_json)
+
+    def finish():
+        ok = all(r["ok"] for k, rows in report["results"].items() if k.startswith("fp32") for r in rows)
+        report["fp32_all_ok"] = bool(ok and report["results"] and not report["errors"])
+        report["total_s"] = round(time.time() - t_start, 1)
+        if args.size == "tiny" and not args.no_fixture and ref:
+            meta = {
+                "what": "golden references of the ORIGINAL OmniMamba (hustvl/OmniMamba b372978) at the tiny "
+                        "configuration, recorded by tests/parity/run_original_parity.py; checked by "
+                        "tests/test_parity_golden.py",
+                "original_commit": "b372978",
+                "seed": args.seed,
+                "sizes": {k: (list(v) if isinstance(v, tuple) else v) for k, v in spec.items() if k != "decoders"},
+                "conversion": conversion,
+                "mmu_new_tokens": spec["mmu_new_tokens"],
+                "eos_token_id": eos,
+                "texts": texts,
+                "numerics": "float32 on CUDA, TF32 off (cuBLAS, cuDNN), Triton dots IEEE fp32 (TRITON_F32_DEFAULT=ieee)"
+                            if device.type == "cuda" and not args.tf32 else f"{device.type}, tf32={args.tf32}",
+                "original_greedy_margins": report.get("original_greedy_margins"),
+                "tolerances": {"fp32": golden.FP32_TOL, "pixels": golden.PIXEL_TOL},
+                "harness": {k: report.get(k) for k in ("versions", "numerics", "patches", "device", "cpu_stubs",
+                                                       "results", "errors", "fp32_all_ok", "original_parameters",
+                                                       "original_state_dict_entries", "timings_s")},
+                "sha256": {p.name: sha256(p) for p in sorted(out_dir.glob("*.safetensors"))},
+            }
+            (out_dir / "meta.json").write_text(json.dumps(meta, indent=1, default=str))
+        save_report()
+
+    finish()  # the fixture is complete before the (optional) bf16 stage
 
     # bf16: both models cast, same inputs; compared with the fp32 original
     if "bf16" in dtypes and ref and time.time() - t_start < args.deadline:
@@ -767,31 +818,7 @@ def main(argv=None) -> int:
             report["errors"].append({"stage": "bf16", "traceback": traceback.format_exc()})
             log(traceback.format_exc())
         stage("bf16")
-
-    ok = all(r["ok"] for k, rows in report["results"].items() if k.startswith("fp32") for r in rows)
-    report["fp32_all_ok"] = ok and not report["errors"]
-    report["total_s"] = round(time.time() - t_start, 1)
-    if args.size == "tiny" and not args.no_fixture and ref:
-        meta = {
-            "what": "golden references of the ORIGINAL OmniMamba (hustvl/OmniMamba b372978) at the tiny configuration, "
-                    "recorded by tests/parity/run_original_parity.py; checked by tests/test_parity_golden.py",
-            "original_commit": "b372978",
-            "seed": args.seed,
-            "sizes": {k: (list(v) if isinstance(v, tuple) else v) for k, v in spec.items() if k != "decoders"},
-            "conversion": conversion,
-            "mmu_new_tokens": spec["mmu_new_tokens"],
-            "eos_token_id": eos,
-            "texts": texts,
-            "numerics": "float32 on CUDA, TF32 off (cuBLAS, cuDNN), Triton dots IEEE fp32 (TRITON_F32_DEFAULT=ieee)"
-                        if device.type == "cuda" and not args.tf32 else f"{device.type}, tf32={args.tf32}",
-            "original_greedy_margins": report.get("original_greedy_margins"),
-            "tolerances": {"fp32": golden.FP32_TOL, "pixels": golden.PIXEL_TOL},
-            "harness": {k: report[k] for k in ("versions", "patches", "device", "cpu_stubs", "results", "errors",
-                                               "fp32_all_ok", "original_parameters", "original_state_dict_entries")},
-            "sha256": {p.name: sha256(p) for p in sorted(out_dir.glob("*.safetensors"))},
-        }
-        (out_dir / "meta.json").write_text(json.dumps(meta, indent=1, default=str))
-    save_report()
+        finish()
     log(f"done in {report['total_s']} s; fp32 all ok: {report['fp32_all_ok']}")
     return 0 if report["fp32_all_ok"] else 1
 

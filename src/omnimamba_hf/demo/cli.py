@@ -44,11 +44,24 @@ def _cached_recipe(output_dir: str) -> dict | None:
         return None
 
 
-def _set_threads(threads: int | None) -> None:
-    import torch
+class _threads:
+    """`torch.set_num_threads(n)` for the duration of a command (restored afterwards: the commands are also called
+    in-process, e.g. by the tests). `n` 0 or None: unchanged."""
 
-    if threads:
-        torch.set_num_threads(threads)
+    def __init__(self, n: int | None):
+        self.n = n
+
+    def __enter__(self):
+        import torch
+
+        self.saved = torch.get_num_threads()
+        if self.n:
+            torch.set_num_threads(self.n)
+
+    def __exit__(self, *exc):
+        import torch
+
+        torch.set_num_threads(self.saved)
 
 
 def load_model(source: str, device: str = "auto"):
@@ -78,13 +91,21 @@ def demo_main(argv: list[str] | None = None) -> int:
     parser.add_argument("--quick", action="store_true", help="a much shorter run (CI smoke test); results are weaker")
     parser.add_argument("--no-eval", action="store_true", help="only build (or load) the model")
     parser.add_argument("--samples-per-class", type=int, default=None, help="sampled T2I images per digit class")
-    parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
+    parser.add_argument(
+        "--threads", type=int, default=1,
+        help="torch CPU threads (default: %(default)s; the demo's tensors are tiny, and one thread is as fast as two "
+        "and far more robust when other processes share the cores; 0 = torch's choice)",
+    )  # fmt: skip
     parser.add_argument("--quiet", action="store_true", help="no progress bars")
     args = parser.parse_args(argv)
 
+    with _threads(args.threads):
+        return _demo(args)
+
+
+def _demo(args) -> int:
     from .train import RECIPE_VERSION, DemoRecipe, train_demo_model
 
-    _set_threads(args.threads)
     output_dir = os.path.abspath(args.output_dir or default_demo_dir(args.quick))
     recipe = DemoRecipe.quick() if args.quick else DemoRecipe.full()
     progress = not args.quiet

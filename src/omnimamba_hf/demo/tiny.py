@@ -35,7 +35,7 @@ VQ_IMAGE_SIZE = 8
 VQ_GRID = 4
 VQ_CODES = 256
 CAPTION_SLOTS = 8
-MMU_TEXT_LENGTH = 16  # text part of an MMU training sequence (the original's 449)
+MMU_TEXT_LENGTH = 20  # text part of an MMU training sequence (the original's 449)
 
 
 @functools.lru_cache(maxsize=None)

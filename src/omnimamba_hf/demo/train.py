@@ -258,6 +258,10 @@ def train_demo_model(output_dir: str, recipe: DemoRecipe | None = None, progress
     config = demo_config()
     processor = demo_processor(config)
     model = OmniMambaForConditionalGeneration(config).eval()
+    with torch.no_grad():  # as in the original layout: timm's DINOv2 has no class position and no mask token
+        dino = model.model.vision_model.dino.embeddings
+        dino.position_embeddings[:, 0].zero_()
+        dino.mask_token.zero_()
     report["parameters"] = {
         name: sum(p.numel() for p in module.parameters()) for name, module in model.model.named_children()
     }

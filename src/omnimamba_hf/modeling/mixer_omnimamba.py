@@ -292,7 +292,10 @@ class OmniMambaMixer(nn.Module):
             full = torch.cat([previous[..., 1:].to(xBC.dtype), xBC.transpose(1, 2)], dim=-1)
             xBC = F.silu(F.conv1d(full, weight[:, None], self.conv1d.bias, groups=self.conv_dim)).transpose(1, 2)
         elif kernels is not None and kernels.conv1d_fn is not None:
-            xBC = kernels.conv1d_fn(xBC.transpose(1, 2), weight, self.conv1d.bias, activation="silu").transpose(1, 2)
+            xt = xBC.transpose(1, 2)  # channel-last view of the in_proj output; the kernel needs strides % 8 == 0
+            if xt.stride(0) % 8 or xt.stride(2) % 8:
+                xt = xt.contiguous()
+            xBC = kernels.conv1d_fn(xt, weight, self.conv1d.bias, activation="silu").transpose(1, 2)
         else:
             xBC = F.silu(self.conv1d(xBC.transpose(1, 2))[..., :seq_len]).transpose(1, 2)
         if mask is not None:

@@ -142,7 +142,7 @@ def build_datasets(data_args, training_args, model, processor):
                 if data_args.max_t2i_samples:
                     raw = raw.select(range(min(data_args.max_t2i_samples, len(raw))))
                 vq = model.get_base_model().model.vqmodel if hasattr(model, "get_base_model") else model.model.vqmodel
-                device = training_args.device
+                device, home = training_args.device, next(vq.parameters()).device
                 t2i = pretokenize_images(
                     raw,
                     vq,
@@ -152,7 +152,7 @@ def build_datasets(data_args, training_args, model, processor):
                     cache_file_name=data_args.vq_cache_file,
                     on_bad_record=data_args.on_bad_record,
                 )
-                vq.to("cpu" if device.type != "cpu" else device)  # the trainer places the model later
+                vq.to(home)  # the Trainer places the whole model later
             else:
                 t2i = load_t2i_dataset(data_args.t2i_data)
                 if data_args.max_t2i_samples:

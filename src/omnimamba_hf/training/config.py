@@ -210,7 +210,15 @@ def parse_training_args(argv: list[str] | None = None) -> tuple[ModelArguments, 
     if not torch.cuda.is_available():  # the original's bf16 + tf32 are GPU settings (TrainingArguments rejects them)
         defaults.pop("tf32", None)
         defaults.pop("bf16", None)
-    parser = HfArgumentParser((ModelArguments, DataArguments, OmniMambaTrainingArguments))
+    parser = HfArgumentParser(
+        (ModelArguments, DataArguments, OmniMambaTrainingArguments),
+        prog="omnimamba-hf train",
+        description=(
+            "Train OmniMamba with the two-stage recipe. --config FILE.yaml sets any of the options below (flat, or "
+            f"in model:/data:/training: sections); --stage ({', '.join(STAGES)}) applies the original's "
+            "hyper-parameters to whatever is not set. Command-line options override the YAML file."
+        ),
+    )
     parser.set_defaults(**{**defaults, **values})
     stage_argv = ["--stage", values["stage"]] if values.get("stage") else []
     return parser.parse_args_into_dataclasses(args=stage_argv + rest, look_for_args_file=False)

@@ -446,8 +446,23 @@ class MixedTaskDataset(torch.utils.data.Dataset):
     def __getitem__(self, index) -> dict:
         return self._load(*self._locate(index))
 
-    def set_epoch(self, epoch: int) -> None:  # accelerate forwards epochs here too; nothing to do
-        pass
+    def attach_sampler(self, sampler) -> None:
+        """Forward `set_epoch` to `sampler`. accelerate calls `dataset.set_epoch` when it cannot reach the batch
+        sampler itself (a resumed multi-process run wraps it twice: `SkipBatchSampler(BatchSamplerShard(...))`)."""
+        import weakref
+
+        self.__dict__.setdefault("_samplers", []).append(weakref.ref(sampler))
+
+    def set_epoch(self, epoch: int) -> None:
+        for ref in self.__dict__.get("_samplers", []):
+            sampler = ref()
+            if sampler is not None:
+                sampler.set_epoch(epoch)
+
+    def __getstate__(self):  # DataLoader workers get the data, not the (main-process) sampler references
+        state = dict(self.__dict__)
+        state.pop("_samplers", None)
+        return state
 
 
 class MixedTaskBatchSampler:

@@ -114,7 +114,7 @@ class OmniMambaTrainer(Trainer):
         self.stage_report = None
         self._eval_modules: list[nn.Module] = []
         if self.stage is not None and model is not None:
-            self.stage_report = apply_stage(model, self.stage)
+            self.stage_report = apply_stage(model, self.stage, log=False)
             self._eval_modules = stage_eval_modules(model, self.stage)
         sizes = dict(getattr(args, "task_batch_sizes", None) or {})
         if not sizes:
@@ -165,6 +165,7 @@ class OmniMambaTrainer(Trainer):
             drop_last=args.dataloader_drop_last,
             cycle=training,
         )
+        dataset.attach_sampler(sampler)
         params: dict[str, Any] = {
             "batch_sampler": sampler,
             "collate_fn": self.data_collator,
