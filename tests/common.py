@@ -93,3 +93,30 @@ def tiny_config(base_vocab_size: int | None = None, **overrides) -> OmniMambaCon
     )
     kwargs.update(overrides)
     return OmniMambaConfig(**kwargs)
+
+
+def randomize_routing_(model, seed: int = 0, scale: float = 0.2):
+    """Task adapters start as no-ops and position tables near zero: make them random so that task routing and
+    position bugs change the outputs."""
+    import torch
+
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "task_adapters" in name or "position_embeddings" in name:
+                p.copy_(torch.randn(p.shape, generator=g) * scale)
+    return model
+
+
+def mmu_prompt_ids(config, prompt=(5, 6, 7, 8)) -> list[int]:
+    """The original MMU layout (spec §4.2) with `num_image_tokens` placeholders and the given prompt ids."""
+    c = config
+    image = [c.image_token_id] * c.num_image_tokens
+    return [c.mmu_token_id, c.soi_token_id, *image, c.eoi_token_id, c.sot_token_id, *prompt]
+
+
+def t2i_prompt_ids(config, caption=(8, 9, 10), codes=()) -> list[int]:
+    """The original T2I layout (spec §4.5): caption left-padded with [PAD], then optional image codes as ids."""
+    c = config
+    slots = [c.pad_token_id] * (c.t2i_caption_length - len(caption)) + list(caption)
+    return [c.t2i_token_id, c.sot_token_id, *slots, c.eot_token_id, c.soi_token_id] + [c.text_vocab_size + k for k in codes]

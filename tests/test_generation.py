@@ -5,7 +5,7 @@ import pytest
 import torch
 from transformers import DynamicCache, TextStreamer
 
-from common import make_base_tokenizer, tiny_config
+from common import make_base_tokenizer, mmu_prompt_ids, randomize_routing_, t2i_prompt_ids, tiny_config
 from omnimamba_hf import OmniMambaForConditionalGeneration
 from omnimamba_hf.processing.tokenization_omnimamba import build_omnimamba_tokenizer
 
@@ -18,26 +18,15 @@ def config():
 @pytest.fixture(scope="module")
 def model(config):
     torch.manual_seed(0)
-    m = OmniMambaForConditionalGeneration(config).eval()
-    g = torch.Generator().manual_seed(1)
-    with torch.no_grad():  # random adapters and position tables so that task/position routing matters
-        for name, p in m.named_parameters():
-            if "task_adapters" in name or "position_embeddings" in name:
-                p.copy_(torch.randn(p.shape, generator=g) * 0.3)
-    return m
+    return randomize_routing_(OmniMambaForConditionalGeneration(config).eval(), seed=1, scale=0.3)
 
 
 def mmu_prompt(c, prompt):
-    return [c.mmu_token_id, c.soi_token_id] + [c.image_token_id] * c.num_image_tokens + [
-        c.eoi_token_id,
-        c.sot_token_id,
-        *prompt,
-    ]
+    return mmu_prompt_ids(c, prompt)
 
 
 def t2i_prompt(c, caption):
-    slots = [c.pad_token_id] * (c.t2i_caption_length - len(caption)) + list(caption)
-    return [c.t2i_token_id, c.sot_token_id, *slots, c.eot_token_id, c.soi_token_id]
+    return t2i_prompt_ids(c, caption)
 
 
 def pixels(seed):

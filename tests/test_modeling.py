@@ -6,18 +6,8 @@ import torch
 import torch.nn.functional as F
 from transformers import AutoConfig, AutoModel, AutoModelForImageTextToText, DynamicCache
 
-from common import tiny_config
+from common import mmu_prompt_ids, randomize_routing_, t2i_prompt_ids, tiny_config
 from omnimamba_hf import OmniMambaConfig, OmniMambaForConditionalGeneration, OmniMambaModel
-
-
-def randomize_(model, seed=0):
-    """Adapters and position tables start as zeros/no-ops: make every tensor random so routing bugs show."""
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if "task_adapters" in name or "position_embeddings" in name:
-                p.copy_(torch.randn(p.shape, generator=g) * 0.2)
-    return model
 
 
 @pytest.fixture(scope="module")
@@ -28,22 +18,10 @@ def config():
 @pytest.fixture(scope="module")
 def model(config):
     torch.manual_seed(0)
-    return randomize_(OmniMambaForConditionalGeneration(config)).eval()
+    return randomize_routing_(OmniMambaForConditionalGeneration(config)).eval()
 
 
-def mmu_ids(c, prompt=(5, 6, 7, 8)):
-    return [c.mmu_token_id, c.soi_token_id] + [c.image_token_id] * c.num_image_tokens + [
-        c.eoi_token_id,
-        c.sot_token_id,
-        *prompt,
-    ]
-
-
-def t2i_ids(c, caption=(8, 9, 10), codes=()):
-    slots = [c.pad_token_id] * (c.t2i_caption_length - len(caption)) + list(caption)
-    return [c.t2i_token_id, c.sot_token_id, *slots, c.eot_token_id, c.soi_token_id] + [
-        c.text_vocab_size + k for k in codes
-    ]
+mmu_ids, t2i_ids = mmu_prompt_ids, t2i_prompt_ids
 
 
 def pixels(n=1, seed=0):
@@ -159,7 +137,7 @@ def test_save_load_round_trip_auto_classes_and_tying(model, config, tmp_path):
 
 def test_gradient_checkpointing_gives_the_same_gradients(config):
     torch.manual_seed(0)
-    model = randomize_(OmniMambaForConditionalGeneration(config)).train()
+    model = randomize_routing_(OmniMambaForConditionalGeneration(config)).train()
     model.config.task_lora_dropout = 0.0
     for m in model.modules():
         if isinstance(m, torch.nn.Dropout):

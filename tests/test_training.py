@@ -17,7 +17,7 @@ import pytest
 import torch
 from PIL import Image
 
-from common import make_base_tokenizer, tiny_config
+from common import make_base_tokenizer, randomize_routing_, tiny_config
 from omnimamba_hf import OmniMambaForConditionalGeneration
 from omnimamba_hf.processing import OmniMambaImageProcessor, OmniMambaProcessor
 from omnimamba_hf.training import (
@@ -84,13 +84,7 @@ def new_model(config, seed=0):
     return OmniMambaForConditionalGeneration(config)
 
 
-def randomize_adapters_(model, seed=0):
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if "task_adapters" in name or "position_embeddings" in name:
-                p.copy_(torch.randn(p.shape, generator=g) * 0.2)
-    return model
+randomize_adapters_ = randomize_routing_
 
 
 def image(seed, size=(40, 32)):

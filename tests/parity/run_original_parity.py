@@ -53,10 +53,12 @@ SIZES = {
     # without class token + 'map' pool); the VQ by the original LlamaGen `VQModel` with `Encoder`/`Decoder` of 32 base
     # channels. Unchanged: the T2I layout (68 caption slots, 16×16 = 256 image tokens, 329 T2I positions), the
     # 1500-row MMU table, LoRA r 8 / alpha 32, the special-token arithmetic (base vocabulary ≡ 5 mod 16, as 50277).
+    # Mamba-2: d_model 32, expand 2, head_dim 8 → 8 heads, d_state 32: the in_proj width 2·64 + 2·32 + 8 = 200 must be
+    # a multiple of 8 (causal-conv1d's channel-last kernel needs strides that are multiples of 8; 8512 is).
     "tiny": dict(
         omnimamba_model="OmniMamba-tiny",
         mamba=dict(d_model=32, n_layer=2, vocab_size=293, vqvae_vocab_size=64, num_tokens=256,
-                   ssm_cfg={"layer": "Mamba2", "d_state": 32, "headdim": 32}),  # fmt: skip
+                   ssm_cfg={"layer": "Mamba2", "d_state": 32, "headdim": 8}),  # fmt: skip
         base_vocab=293,
         image_size=42,  # 3×3 = 9 patches of 14 px
         towers={
@@ -95,8 +97,11 @@ T2I_CAPTIONS = [
 BATCH = 2
 
 
+LOG_TAG = ""
+
+
 def log(*a):
-    print(f"[parity {time.strftime('%H:%M:%S')}]", *a, flush=True)
+    print(f"[parity{LOG_TAG} {time.strftime('%H:%M:%S')}]", *a, flush=True)
 
 
 # ---- tokenizers ---------------------------------------------------------------------------------------------------------
@@ -459,6 +464,7 @@ def run_original(model, inputs: dict, size: str, dtype, device, cg: bool) -> dic
         feats = model.vision_backbone(pv)
         out["vision_features"] = feats
         out["image_embeddings"] = model.projector(feats)
+        log("  original: vision")
 
         # MMU logits (training path: the fused Mamba-2 kernel, inference_params None), with image and text-only
         emb, _ = model.mmu_multi_ids2embed(pv, prompt_ids, prompt_ids)
@@ -466,6 +472,7 @@ def run_original(model, inputs: dict, size: str, dtype, device, cg: bool) -> dic
         emb_text, _ = model.mmu_uni_ids2embed(None, prompt_ids, prompt_ids)
         # (mmu_uni_ids2embed makes float32 zeros; in a bf16 model the original only ever ran it under autocast)
         out["mmu_text_only_logits"] = mamba(None, emb_text.to(dtype), task="mmu").mmu_logits
+        log("  original: mmu logits")
 
         # training losses through OmniMamba.forward
         b = ids.shape[0]
@@ -480,6 +487,7 @@ def run_original(model, inputs: dict, size: str, dtype, device, cg: bool) -> dic
         finally:
             hook.remove()
         out["t2i_logits"] = captured["t2i"]
+        log("  original: losses, t2i logits")
 
         # VQ
         vq = lb.vqvae
@@ -487,6 +495,7 @@ def run_original(model, inputs: dict, size: str, dtype, device, cg: bool) -> dic
         out["vq_decode"] = vq.decode_code(inp["vq_codes"], shape=[n, vq.config.codebook_embed_dim, grid, grid])
         _, _, info = vq.encode(inp["vq_images"].to(dtype))
         out["vq_encode"] = info[2].view(n, -1)
+        log("  original: vq")
 
     # greedy MMU, as scripts/inference_mmu.py (max_length = prompt positions + new tokens instead of 2048)
     new = spec["mmu_new_tokens"]
@@ -510,6 +519,7 @@ def run_original(model, inputs: dict, size: str, dtype, device, cg: bool) -> dic
         res = generate(ids, e, "mmu", e.shape[1] + new)
         out[name] = res.sequences[:, ids.shape[1]:]
         out[name + "_logits"] = torch.stack(list(res.scores), dim=1)
+        log(f"  original: {name}")
 
     # greedy T2I through the real entry point t2i_generate (fast=cg), capturing the decoder's tokens and scores
     got = {}
@@ -562,8 +572,10 @@ def run_port_all(model, processor, inputs, texts, size, decoders) -> dict:
     from parity import golden
 
     out = {"forward": golden.run_port_forward(model, inputs)}
+    log("  port: forward quantities")
     for d in decoders:
         out[d] = golden.run_port_generation(model, inputs, SIZES[size]["mmu_new_tokens"], decoder=d)
+        log(f"  port: generation, decoder {d}")
     if processor is not None:
         out["forward"].update({k: v for k, v in golden.port_ids(processor, texts).items()})
         out["forward"]["preprocess"] = golden.port_preprocess(processor, inputs)
@@ -610,14 +622,21 @@ def main(argv=None) -> int:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--device", default=None)
     ap.add_argument("--tf32", action="store_true", help="keep TF32 / Triton TF32 dots (the released numerics)")
+    ap.add_argument("--autotune", action="store_true", help="let mamba-ssm autotune its Triton kernels")
     ap.add_argument("--cpu-stubs", action="store_true", help="dry run with tests/parity/cpu_stubs (not golden)")
     ap.add_argument("--deadline", type=float, default=1e9, help="seconds; later stages are skipped after it")
     ap.add_argument("--no-fixture", action="store_true")
     ap.add_argument("--stop-after", choices=("built", "converted"), default=None, help="dry runs: stop early")
     args = ap.parse_args(argv)
+    global LOG_TAG
+    LOG_TAG = f" {args.size}"
     t_start = time.time()
     if not args.tf32:
         os.environ["TRITON_F32_DEFAULT"] = "ieee"  # before Triton compiles anything: IEEE fp32 dots in the kernels
+    if not args.autotune:
+        # mamba-ssm's deterministic mode: one (the cheapest) config per autotuned Triton kernel instead of a benchmark
+        # of 5-20 compiled configs per kernel, shape and dtype (minutes of JIT on a fresh machine). Same math.
+        os.environ.setdefault("MAMBA_DETERMINISTIC", "1")
     if args.cpu_stubs:
         # import transformers' image / model utilities and the port first: they must not see the stand-ins
         import transformers.image_utils  # noqa: F401
@@ -643,7 +662,7 @@ def main(argv=None) -> int:
     import torch
 
     torch.backends.cuda.matmul.allow_tf32 = args.tf32
-    numerics = {"TRITON_F32_DEFAULT": os.environ.get("TRITON_F32_DEFAULT")}
+    numerics = {k: os.environ.get(k) for k in ("TRITON_F32_DEFAULT", "MAMBA_DETERMINISTIC")}
     try:
         import triton
 
@@ -787,7 +806,8 @@ def main(argv=None) -> int:
                 "mmu_new_tokens": spec["mmu_new_tokens"],
                 "eos_token_id": eos,
                 "texts": texts,
-                "numerics": "float32 on CUDA, TF32 off (cuBLAS, cuDNN), Triton dots IEEE fp32 (TRITON_F32_DEFAULT=ieee)"
+                "numerics": "float32 on CUDA, TF32 off (cuBLAS, cuDNN), Triton dots IEEE fp32 (TRITON_F32_DEFAULT=ieee), "
+                            f"MAMBA_DETERMINISTIC={os.environ.get('MAMBA_DETERMINISTIC')}"
                             if device.type == "cuda" and not args.tf32 else f"{device.type}, tf32={args.tf32}",
                 "original_greedy_margins": report.get("original_greedy_margins"),
                 "tolerances": {"fp32": golden.FP32_TOL, "pixels": golden.PIXEL_TOL},

@@ -173,7 +173,11 @@ def _resolve_model(model: str | None) -> str:
 def describe_main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="omnimamba-hf describe", description="Answer a question about an image (MMU).")
     parser.add_argument("image", help="image path, http(s) URL or base64 data")
-    parser.add_argument("--question", "-q", default="What digit is this?", help="the question (default: %(default)r)")
+    parser.add_argument(
+        "--question", "-q", default=None,
+        help="the question (default: 'What digit is this?' for the demo model, else the original's 'Please describe it "
+        "in detail.')",
+    )  # fmt: skip
     parser.add_argument("--model", "-m", default=None, help="OmniMamba directory or Hub id (default: the demo model)")
     parser.add_argument("--max-new-tokens", type=int, default=64)
     parser.add_argument("--device", default="auto")
@@ -181,8 +185,11 @@ def describe_main(argv: list[str] | None = None) -> int:
 
     import torch
 
-    model, processor = load_model(_resolve_model(args.model), args.device)
-    messages = [{"role": "user", "content": [{"type": "image", "image": args.image}, {"type": "text", "text": args.question}]}]
+    source = _resolve_model(args.model)
+    is_demo = os.path.isfile(os.path.join(source, "demo_info.json"))
+    question = args.question or ("What digit is this?" if is_demo else "Please describe it in detail.")
+    model, processor = load_model(source, args.device)
+    messages = [{"role": "user", "content": [{"type": "image", "image": args.image}, {"type": "text", "text": question}]}]
     try:
         inputs = processor.apply_chat_template(messages, add_generation_prompt=True, tokenize=True, return_dict=True, return_tensors="pt")
     except (ValueError, OSError, TypeError) as err:

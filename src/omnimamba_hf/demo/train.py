@@ -69,11 +69,11 @@ class DemoRecipe:
     def quick(cls) -> DemoRecipe:
         return cls(
             name="quick",
-            max_eval_images=100,
-            vq_steps=150,
+            max_eval_images=120,
+            vq_steps=200,
             stage1_mmu_steps=30,
-            stage1_t2i_steps=60,
-            stage2_steps=150,
+            stage1_t2i_steps=80,
+            stage2_steps=250,
             t2i_samples_per_class=4,
         )
 
@@ -189,6 +189,7 @@ def run_stage(model, stage: str, processor, mmu=None, t2i=None, *, steps: int, l
         save_strategy="no",
         report_to="none",
         dataloader_num_workers=0,
+        dataloader_pin_memory=torch.cuda.is_available(),
         disable_tqdm=not progress,
         seed=seed,
         data_seed=seed,

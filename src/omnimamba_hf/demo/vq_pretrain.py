@@ -97,7 +97,12 @@ def train_vq(
             print(f"step {step} rec {rec_loss.item():.4f} vq {emb.item():.4f}")
     vq.eval()
     vq.requires_grad_(False)
-    return {"steps": steps, "reconstruction_mse": float(rec_loss), "embedding_loss": float(emb), "codes_restarted": restarted}
+    return {
+        "steps": steps,
+        "reconstruction_mse": float(rec_loss.detach()),
+        "embedding_loss": float(emb.detach()),
+        "codes_restarted": restarted,
+    }
 
 
 @torch.no_grad()

@@ -242,12 +242,13 @@ class OmniMambaPreTrainedModel(PreTrainedModel):
 # ---- base model -----------------------------------------------------------------------------------------------------
 
 
-def _check(condition: bool, message: str) -> None:
-    """Input validation that is skipped under torch.compile / CUDA-graph capture (no host syncs there)."""
+def _check(condition, message) -> None:
+    """Input validation that is skipped under torch.compile / CUDA-graph capture (no host syncs there). `condition`
+    and `message` may be callables, evaluated only when needed (a message that reads tensor values costs syncs)."""
     if is_torchdynamo_compiling() or (torch.cuda.is_available() and torch.cuda.is_current_stream_capturing()):
         return
-    if not condition:
-        raise ValueError(message)
+    if not (condition() if callable(condition) else condition):
+        raise ValueError(message() if callable(message) else message)
 
 
 class OmniMambaModel(OmniMambaPreTrainedModel):
@@ -309,7 +310,7 @@ class OmniMambaModel(OmniMambaPreTrainedModel):
             route = torch.tensor([TASKS.index(t) for t in names], device=device)
         if route.numel() != batch_size:
             raise ValueError(f"Got {route.numel()} per-sample tasks for a batch of {batch_size}.")
-        _check(bool(((route >= 0) & (route < len(TASKS))).all()), f"Task indices must be in [0, {len(TASKS)}).")
+        _check(lambda: bool(((route >= 0) & (route < len(TASKS))).all()), f"Task indices must be in [0, {len(TASKS)}).")
         return route
 
     # -- embeddings ---------------------------------------------------------------------------------------------------
@@ -324,8 +325,8 @@ class OmniMambaModel(OmniMambaPreTrainedModel):
         image ids through the image-code table + MLP."""
         V = self.config.text_vocab_size
         _check(
-            bool(((input_ids >= 0) & (input_ids < V + self.config.image_vocab_size)).all()),
-            f"input_ids must be in [0, {V + self.config.image_vocab_size}): text ids below {V}, image ids "
+            lambda: bool(((input_ids >= 0) & (input_ids < V + self.config.image_vocab_size)).all()),
+            lambda: f"input_ids must be in [0, {V + self.config.image_vocab_size}): text ids below {V}, image ids "
             f"{V} + code. Got min {int(input_ids.min())}, max {int(input_ids.max())}.",
         )
         is_image = input_ids >= V
@@ -337,7 +338,7 @@ class OmniMambaModel(OmniMambaPreTrainedModel):
         else:
             caption = ~is_image & (task == TASKS.index("t2i"))[:, None]
         if caption is not None and (is_torchdynamo_compiling() or bool(caption.any())):
-            embeds = embeds.index_put((caption,), self.caption_mlp(embeds[caption]))
+            embeds = embeds.index_put((caption,), self.caption_mlp(embeds[caption]).to(embeds.dtype))
         if is_torchdynamo_compiling() or bool(is_image.any()):
             codes = input_ids[is_image] - V
             embeds = embeds.index_put((is_image,), self.image_embeddings(codes).to(embeds.dtype))
@@ -353,8 +354,8 @@ class OmniMambaModel(OmniMambaPreTrainedModel):
                 rows = position_ids[task == index]
             if rows is not None and rows.numel():
                 _check(
-                    bool((rows >= 0).all() and (rows < table.shape[0]).all()),
-                    f"Position {int(rows.max())} is past the {name.upper()} position table ({table.shape[0]} rows): "
+                    lambda: bool((rows >= 0).all() and (rows < table.shape[0]).all()),
+                    lambda: f"Position {int(rows.max())} is past the {name.upper()} position table ({table.shape[0]} rows): "
                     f"{name} sequences hold at most {table.shape[0]} positions, image slots included. Shorten the "
                     "prompt or max_new_tokens.",
                 )
@@ -513,6 +514,12 @@ class OmniMambaForConditionalGeneration(OmniMambaPreTrainedModel, OmniMambaGener
         self.post_init()
         self.generation_config = omnimamba_generation_config(config)
 
+    def get_input_embeddings(self):
+        return self.model.get_input_embeddings()
+
+    def set_input_embeddings(self, value):
+        self.model.set_input_embeddings(value)
+
     def get_output_embeddings(self):
         return self.lm_head
 
@@ -549,13 +556,13 @@ class OmniMambaForConditionalGeneration(OmniMambaPreTrainedModel, OmniMambaGener
             supervised = y != -100
             if name == "t2i":
                 _check(
-                    bool(((y[supervised] >= V) & (y[supervised] < V + self.config.image_vocab_size)).all()),
+                    lambda: bool(((y[supervised] >= V) & (y[supervised] < V + self.config.image_vocab_size)).all()),
                     f"T2I labels must be image ids in [{V}, {V + self.config.image_vocab_size}) or -100.",
                 )
                 y = torch.where(supervised, y - V, -100)
                 logits = self.image_head(h)
             else:
-                _check(bool((y[supervised] < V).all()), f"MMU labels must be text ids below {V} or -100.")
+                _check(lambda: bool((y[supervised] < V).all()), f"MMU labels must be text ids below {V} or -100.")
                 logits = self.lm_head(h)
             losses[name] = _shifted_cross_entropy(logits, y)
         loss = sum(losses.values())
