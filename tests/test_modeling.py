@@ -1,6 +1,8 @@
 """Model-level checks on tiny configurations: shapes, cache == recomputation, batching, task routing, losses,
 save/load, Auto classes, tied weights, the full-size parameter count, and clear errors on bad input."""
 
+import copy
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -133,6 +135,12 @@ def test_save_load_round_trip_auto_classes_and_tying(model, config, tmp_path):
     assert type(AutoModel.from_pretrained(tmp_path)) is OmniMambaModel
     assert loaded.dtype == torch.float32
     assert AutoModelForImageTextToText.from_pretrained(tmp_path, dtype=torch.bfloat16).dtype == torch.bfloat16
+    # dtype="auto" keeps the saved dtype; device_map places the whole model (accelerate's big-model loading path)
+    bf16_dir = tmp_path / "bf16"
+    copy.deepcopy(model).to(torch.bfloat16).save_pretrained(bf16_dir)
+    auto = AutoModelForImageTextToText.from_pretrained(bf16_dir, dtype="auto", device_map="cpu")
+    assert auto.dtype == torch.bfloat16 and auto.device.type == "cpu"
+    assert auto.lm_head.weight is auto.model.language_model.embeddings.weight
 
 
 def test_gradient_checkpointing_gives_the_same_gradients(config):
