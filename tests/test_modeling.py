@@ -267,3 +267,12 @@ print(repr(m(input_ids=torch.tensor({ids})).logits.sum().item()))
     with torch.no_grad():
         expected = model(input_ids=torch.tensor(ids)).logits.sum().item()
     assert float(out.stdout.strip().splitlines()[-1]) == expected
+
+
+def test_trailing_padding_does_not_change_real_positions(model, config):
+    """Right padding without a cache is dropped from the computation: the real positions are unchanged."""
+    ids = torch.tensor([mmu_ids(config, (5, 6, 7)) + [config.pad_token_id] * 3])
+    mask = torch.tensor([[1] * (ids.shape[1] - 3) + [0] * 3])
+    padded = model(input_ids=ids, attention_mask=mask, pixel_values=pixels(), use_cache=False).logits
+    plain = model(input_ids=ids[:, :-3], pixel_values=pixels(), use_cache=False).logits
+    torch.testing.assert_close(padded[:, :-3], plain, rtol=1e-5, atol=1e-5)

@@ -39,7 +39,12 @@ def mamba_kernels() -> SimpleNamespace | None:
         from causal_conv1d import causal_conv1d_fn, causal_conv1d_update
     except Exception:
         causal_conv1d_fn = causal_conv1d_update = None
+    try:  # conv + scan + gated norm + out_proj in one autograd function that recomputes in backward
+        from mamba_ssm.ops.triton.ssd_combined import mamba_split_conv1d_scan_combined
+    except Exception:
+        mamba_split_conv1d_scan_combined = None
     return SimpleNamespace(
+        split_conv1d_scan=mamba_split_conv1d_scan_combined if causal_conv1d_fn is not None else None,
         chunk_scan=mamba_chunk_scan_combined,
         state_update=selective_state_update,
         conv1d_fn=causal_conv1d_fn,
@@ -271,6 +276,16 @@ class OmniMambaMixer(nn.Module):
         kernels = mamba_kernels() if hidden_states.is_cuda else None
         weight = self.conv1d.weight.squeeze(1)  # [conv_dim, K]
 
+        fusable = type(self.out_proj) is nn.Linear and type(self.conv1d) is nn.Conv1d  # not wrapped (e.g. by PEFT)
+        if cache_params is None and mask is None and fusable and kernels is not None and kernels.split_conv1d_scan:
+            # No state to keep and nothing padded: the original's training path (§3.4), memory-light in backward.
+            # The kernel reads conv1d / norm / out_proj weights directly, so it is only used when they are plain modules.
+            return kernels.split_conv1d_scan(
+                zxbcdt, weight, self.conv1d.bias, self.dt_bias, A, D=self.D, chunk_size=self.chunk_size,
+                dt_limit=self.time_step_limit, activation="silu", rmsnorm_weight=self.norm.weight,
+                rmsnorm_eps=self.norm.variance_epsilon, outproj_weight=self.out_proj.weight,
+                outproj_bias=self.out_proj.bias, headdim=self.head_dim, ngroups=self.n_groups, norm_before_gate=False,
+            )  # fmt: skip
         stepping = cache_params is not None and seq_len == 1 and cache_params.get_conv_state(self.layer_idx) is not None
         if stepping:
             y = self._step(xBC[:, 0], dt[:, 0], A, weight, cache_params, kernels)[:, None]

@@ -460,8 +460,12 @@ class OmniMambaModel(OmniMambaPreTrainedModel):
                 )
             position_ids = torch.arange(seq_len, device=device).expand(batch, -1)
         inputs_embeds = self.add_position_embeddings(inputs_embeds, position_ids, route)
-        if attention_mask is not None and not is_torchdynamo_compiling() and bool(attention_mask.all()):
-            attention_mask = None  # nothing is padded: skip the masking multiplies
+        if attention_mask is not None and not is_torchdynamo_compiling():
+            right_padded = bool((attention_mask[:, 1:] <= attention_mask[:, :-1]).all())
+            if bool(attention_mask.all()) or (cache_params is None and right_padded):
+                # nothing padded, or only trailing padding with no state to keep: real positions cannot see the pads
+                # (causal), so the masking multiplies are skipped (and the fused training kernel can run)
+                attention_mask = None
 
         hidden, all_hidden = self.language_model(
             inputs_embeds, route, cache_params, attention_mask, bool(output_hidden_states)
