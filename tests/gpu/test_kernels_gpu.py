@@ -116,7 +116,9 @@ def test_cuda_graph_decoder_equals_eager(model, task, backend):
 def test_fused_training_path_equals_unfused(model):
     """The mamba-ssm fused conv+scan+norm+out_proj kernel (used when no cache/padding is involved, as in the original's
     training) gives the same loss and gradients as the separate kernels (cache path) within TF32/bf16 noise."""
+    os.environ["OMNIMAMBA_FUSED_SCAN"] = "1"
     use_kernels(True)
+    assert mixer_omnimamba.mamba_kernels().split_conv1d_scan is not None
     config = model.config
     ids = torch.randint(0, 50000, (2, 96), device="cuda")
     labels = ids.clone()
@@ -139,6 +141,8 @@ def test_fused_training_path_equals_unfused(model):
     finally:
         model.eval()
         model.zero_grad()
+        os.environ["OMNIMAMBA_FUSED_SCAN"] = "0"
+        use_kernels(True)
     loss_err = abs(fused.loss.item() - unfused.loss.item()) / abs(unfused.loss.item())
     grad_err = rel_err(g_fused, g_unfused)
     print(f"\n[{model.dtype}] fused vs unfused training path: loss rel. error {loss_err:.2e}, in_proj grad rel. error {grad_err:.2e}")

@@ -44,7 +44,10 @@ def mamba_kernels() -> SimpleNamespace | None:
     except Exception:
         mamba_split_conv1d_scan_combined = None
     return SimpleNamespace(
-        split_conv1d_scan=mamba_split_conv1d_scan_combined if causal_conv1d_fn is not None else None,
+        # opt-in until validated on a GPU (tests/gpu/test_kernels_gpu.py::test_fused_training_path_equals_unfused)
+        split_conv1d_scan=mamba_split_conv1d_scan_combined
+        if causal_conv1d_fn is not None and os.environ.get("OMNIMAMBA_FUSED_SCAN", "0") not in ("", "0")
+        else None,
         chunk_scan=mamba_chunk_scan_combined,
         state_update=selective_state_update,
         conv1d_fn=causal_conv1d_fn,
