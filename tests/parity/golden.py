@@ -23,7 +23,6 @@ processor does (the processor's own ids are compared too, as `ids_mmu` / `ids_t2
 from __future__ import annotations
 
 import json
-import math
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -394,7 +393,3 @@ def convert_original(weights: dict, base_tokenizer, conversion: dict, dtype=torc
     )
     converted = cast_state_dict(convert_state_dict(sd, config), dtype)
     return build_model(config, converted).to(dtype)
-
-
-def is_finite_number(x) -> bool:
-    return isinstance(x, (int, float)) and math.isfinite(x)

@@ -14,12 +14,16 @@ What it does, for one size (`tiny`: every module of the original at toy widths; 
    run time only what the original needs to run without downloads on the current stack (`install_offline_patches`;
    each patch is listed in the report);
 2. gives it fixed-seed random weights (`randomize_`, every tensor by a rule keyed on its name, rounded to
-   fp16-representable values as in the released fp16 checkpoint) and saves that state dict in the original layout;
-3. converts it with the project's converter (`omnimamba_hf.conversion`) and runs both on fixed inputs: MMU logits
-   (with image, text-only), the MMU and T2I training losses, greedy MMU continuations (with image, text-only), T2I
-   logits, greedy full-length T2I sequences (+ decoded images), VQ decodes and encodes, vision features, processor ids
-   and image preprocessing; in float32 (TF32 off everywhere, Triton dots in IEEE fp32) and bfloat16;
+   fp16-representable values as in the released fp16 checkpoint); `tiny` saves that state dict in the original layout
+   (`weights_original.safetensors`) and converts the file, `full` converts the same state dict in memory, both with
+   the project's converter (`parity.golden.convert_original`);
+3. runs both on fixed inputs: MMU logits (with image, text-only), the MMU and T2I training losses, greedy MMU
+   continuations (with image, text-only), T2I logits, greedy full-length T2I sequences (+ decoded images), VQ decodes
+   and encodes, vision features, processor ids and image preprocessing; in float32 (TF32 off everywhere, Triton dots
+   in IEEE fp32, mamba-ssm's one-config "deterministic" Triton kernels) and in bfloat16;
 4. writes `report.json` (every comparison) and, for `tiny`, the golden fixture files of `tests/fixtures/parity_tiny/`.
+
+Results and the exact command used: docs/PARITY.md.
 """
 
 from __future__ import annotations

@@ -50,12 +50,12 @@ class DemoRecipe:
     vq_steps: int = 500
     vq_batch_size: int = 64
     vq_learning_rate: float = 2e-3
-    stage1_mmu_steps: int = 100
-    stage1_mmu_learning_rate: float = 1e-3
-    stage1_t2i_steps: int = 200
+    stage1_mmu_steps: int = 60
+    stage1_mmu_learning_rate: float = 5e-3
+    stage1_t2i_steps: int = 300
     stage1_t2i_learning_rate: float = 2e-3
-    stage2_steps: int = 600
-    stage2_learning_rate: float = 1e-3
+    stage2_steps: int = 900
+    stage2_learning_rate: float = 2e-3
     mmu_batch_size: int = 32
     t2i_batch_size: int = 32
     t2i_samples_per_class: int = 10
@@ -73,7 +73,7 @@ class DemoRecipe:
             vq_steps=200,
             stage1_mmu_steps=30,
             stage1_t2i_steps=80,
-            stage2_steps=250,
+            stage2_steps=400,
             t2i_samples_per_class=4,
         )
 

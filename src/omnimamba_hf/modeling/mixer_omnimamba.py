@@ -44,9 +44,9 @@ def mamba_kernels() -> SimpleNamespace | None:
     except Exception:
         mamba_split_conv1d_scan_combined = None
     return SimpleNamespace(
-        # opt-in until validated on a GPU (tests/gpu/test_kernels_gpu.py::test_fused_training_path_equals_unfused)
+        # validated on the GPU (tests/gpu: fp32 loss 8e-8, grads 6e-5 rel. error); OMNIMAMBA_FUSED_SCAN=0 turns it off
         split_conv1d_scan=mamba_split_conv1d_scan_combined
-        if causal_conv1d_fn is not None and os.environ.get("OMNIMAMBA_FUSED_SCAN", "0") not in ("", "0")
+        if causal_conv1d_fn is not None and os.environ.get("OMNIMAMBA_FUSED_SCAN", "1") not in ("", "0")
         else None,
         chunk_scan=mamba_chunk_scan_combined,
         state_update=selective_state_update,
