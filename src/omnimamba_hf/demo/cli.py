@@ -4,9 +4,10 @@
     omnimamba-hf describe IMAGE [--question "What digit is this?"] [--model DIR_OR_HUB_ID]
     omnimamba-hf generate-image "a handwritten seven" -o out.png [--model DIR_OR_HUB_ID] [--seed N --top-k K]
 
-`demo` trains the embedded tiny OmniMamba on scikit-learn's digits once (about ten minutes on two CPU cores; `--quick`
+`demo` trains the embedded tiny OmniMamba on scikit-learn's digits once (about five minutes on two CPU cores, `--quick`
 about two), caches it as a normal `save_pretrained` directory (`DIR/model`), then evaluates it on the held-out digits
-and writes `DIR/report.md`, `DIR/report.json`, `DIR/t2i_samples.png`, `DIR/mmu_examples.png`. Later runs load the
+and writes `DIR/report.md`, `DIR/report.json`, `DIR/t2i_samples.png`, `DIR/mmu_examples.png` (and a held-out digit,
+`DIR/example_digit.png`, to try `describe` on). Later runs load the
 cache. DIR defaults to `$OMNIMAMBA_HF_DEMO_DIR`, else `~/.cache/omnimamba-hf/demo` (`demo-quick` with `--quick`).
 
 `describe` and `generate-image` work on any OmniMamba directory or Hub id (`--model`); without one they use the demo
@@ -149,7 +150,7 @@ def _demo(args) -> int:
     print("\n" + format_summary(report))
     print(
         f"\nWrote {os.path.join(output_dir, 'report.md')}, report.json, t2i_samples.png, mmu_examples.png\n"
-        f"Try:  omnimamba-hf describe IMAGE --question \"What digit is this?\"\n"
+        f"Try:  omnimamba-hf describe {os.path.join(output_dir, 'example_digit.png')} --question \"What digit is this?\"\n"
         f"      omnimamba-hf generate-image \"a handwritten seven\" -o seven.png"
     )
     return 0
@@ -165,7 +166,7 @@ def _resolve_model(model: str | None) -> str:
         if _cached_recipe(candidate) is not None:
             return demo_model_dir(candidate)
     raise SystemExit(
-        "No --model given and no demo model is cached yet: run `omnimamba-hf demo` first (about ten minutes on CPU), "
+        "No --model given and no demo model is cached yet: run `omnimamba-hf demo` first (about five minutes on CPU), "
         "or pass --model with an OmniMamba directory or Hub id."
     )
 

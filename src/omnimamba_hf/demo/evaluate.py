@@ -141,6 +141,8 @@ def evaluate_demo(model, processor, output_dir: str, max_eval_images: int | None
     report["mmu_examples"] = [{"label": t, "answer": a} for t, a in list(zip(truths, answers))[:16]]
     report["mmu_confusion"] = _confusion(truths, predicted)
     save_mmu_examples(images[:32], answers[:32], truths[:32], os.path.join(output_dir, "mmu_examples.png"))
+    images[0].save(os.path.join(output_dir, "example_digit.png"))  # to try `omnimamba-hf describe` on
+    report["example_digit"] = {"file": "example_digit.png", "label": truths[0], "answer": answers[0]}
     bar.update()
 
     # T2I: greedy (the original's decoding) and sampled

@@ -7,8 +7,8 @@ image-code embedding MLP, both position tables, tied heads, a LlamaGen-architect
 | part | released | demo |
 |---|---|---|
 | vision towers | 384 px, patch 14 → 729 patches; DINOv2-L (24 × 1024) ‖ SigLIP-SO400M (27 × 1152) | 32 px, patch 8 → 16 patches; 3 × 32 ‖ 3 × 32 |
-| Mamba-2 backbone | 48 × d_model 2048, d_state 128, 64 heads | 4 × d_model 64, d_state 16, 8 heads of 16 |
-| VQ | 256 px ↔ 16 × 16 codes of 16384 | 16 px ↔ 4 × 4 codes of 256 (8-dim, L2-normalised) |
+| Mamba-2 backbone | 48 × d_model 2048, d_state 128, 64 heads of 64 | 4 × d_model 96, d_state 16, 12 heads of 16 |
+| VQ | 256 px ↔ 16 × 16 codes of 16384 (8-dim, L2-normalised) | 8 px ↔ 4 × 4 codes of 64 (8-dim, L2-normalised) |
 | T2I prompt | 68 caption slots (72 ids) | 8 caption slots (12 ids) |
 | text vocabulary | GPT-NeoX-20B (50277) + 11 → 50288 | byte-level BPE trained on the demo's texts (382) + 11 → 400 |
 
@@ -33,7 +33,7 @@ VISION_IMAGE_SIZE = 32
 VISION_PATCH_SIZE = 8
 VQ_IMAGE_SIZE = 8
 VQ_GRID = 4
-VQ_CODES = 256
+VQ_CODES = 64
 CAPTION_SLOTS = 8
 MMU_TEXT_LENGTH = 20  # text part of an MMU training sequence (the original's 449)
 
@@ -88,9 +88,9 @@ def demo_config(base_vocab_size: int | None = None, **overrides) -> OmniMambaCon
     levels = (VQ_IMAGE_SIZE // VQ_GRID).bit_length()  # one 2× downsample per level after the first
     kwargs = dict(
         text_config={
-            "hidden_size": 64,
+            "hidden_size": 96,
             "num_hidden_layers": 4,
-            "num_heads": 8,
+            "num_heads": 12,
             "head_dim": 16,
             "state_size": 16,
             "chunk_size": 32,

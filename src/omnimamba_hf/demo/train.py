@@ -1,6 +1,6 @@
 """Building the demo model: the tiny tokenizers (text BPE, VQ) and the paper's decoupled two-stage recipe on the digits.
 
-1. **VQ tokenizer** (`vq_pretrain.train_vq`): the tiny LlamaGen-architecture VQ learns to reconstruct 16-px digits
+1. **VQ tokenizer** (`vq_pretrain.train_vq`): the tiny LlamaGen-architecture VQ learns to reconstruct the 8-px digits
    (the released VQ-16 comes pretrained from LlamaGen; the demo's has to be trained first).
 2. **Data**, through `omnimamba_hf.training.data` exactly as for real data: T2I images are VQ-tokenised once with
    `pretokenize_images` (`datasets.map`) and validated with `prepare_t2i_dataset`; MMU records (an image + a LLaVA-style
@@ -23,6 +23,7 @@ pretrained Mamba-2 LM does (spec §4.3 notes the original's mismatch).
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import json
 import logging
@@ -37,7 +38,7 @@ from .tiny import MMU_TEXT_LENGTH, demo_config, demo_processor
 
 logger = logging.getLogger(__name__)
 
-RECIPE_VERSION = 1
+RECIPE_VERSION = 2
 
 
 @dataclass
@@ -54,11 +55,11 @@ class DemoRecipe:
     stage1_mmu_learning_rate: float = 5e-3
     stage1_t2i_steps: int = 300
     stage1_t2i_learning_rate: float = 2e-3
-    stage2_steps: int = 900
-    stage2_learning_rate: float = 2e-3
+    stage2_steps: int = 600
+    stage2_learning_rate: float = 1e-3
     mmu_batch_size: int = 32
     t2i_batch_size: int = 32
-    t2i_samples_per_class: int = 10
+    t2i_samples_per_class: int = 20
     seed: int = 0
 
     @classmethod
@@ -73,8 +74,11 @@ class DemoRecipe:
             vq_steps=200,
             stage1_mmu_steps=30,
             stage1_t2i_steps=80,
-            stage2_steps=400,
-            t2i_samples_per_class=4,
+            stage2_steps=600,
+            stage2_learning_rate=2e-3,
+            mmu_batch_size=16,
+            t2i_batch_size=16,
+            t2i_samples_per_class=5,
         )
 
 
@@ -214,6 +218,10 @@ def run_stage(model, stage: str, processor, mmu=None, t2i=None, *, steps: int, l
         processing_class=processor,
         callbacks=[_Log()],
     )
+    if not progress:  # the Trainer prints every log dict when its progress bar is off
+        from transformers.trainer_callback import PrinterCallback
+
+        trainer.remove_callback(PrinterCallback)
     start = time.time()
     result = trainer.train()
     history = task_loss_history(trainer.state.log_history)
@@ -231,27 +239,44 @@ def run_stage(model, stage: str, processor, mmu=None, t2i=None, *, steps: int, l
 def train_demo_model(output_dir: str, recipe: DemoRecipe | None = None, progress: bool = True) -> dict:
     """Train the demo model from scratch and save it (`save_pretrained` of the model and the processor) to
     `output_dir`, written to a temporary sibling and moved into place when complete. Returns the training report."""
+    recipe = recipe or DemoRecipe.full()
+    with _library_verbosity(progress):
+        return _train(output_dir, recipe, progress)
+
+
+@contextlib.contextmanager
+def _library_verbosity(progress: bool):
+    """Less chatter from transformers / datasets / the training package while the demo trains (restored after)."""
+    import datasets
+    from transformers.utils import logging as hf_logging
+
+    saved = (hf_logging.get_verbosity(), datasets.logging.get_verbosity(), datasets.is_progress_bar_enabled(),
+             logging.getLogger("omnimamba_hf").level)  # fmt: skip
+    hf_logging.set_verbosity_warning() if progress else hf_logging.set_verbosity_error()
+    datasets.logging.set_verbosity_error()
+    if not progress:
+        datasets.disable_progress_bars()
+    logging.getLogger("omnimamba_hf").setLevel(logging.WARNING)
+    try:
+        yield
+    finally:
+        hf_logging.set_verbosity(saved[0])
+        datasets.logging.set_verbosity(saved[1])
+        datasets.enable_progress_bars() if saved[2] else datasets.disable_progress_bars()
+        logging.getLogger("omnimamba_hf").setLevel(saved[3])
+
+
+def _train(output_dir: str, recipe: DemoRecipe, progress: bool) -> dict:
     import shutil
     import tempfile
 
     from transformers import set_seed
-    from transformers.utils import logging as hf_logging
 
     from omnimamba_hf import OmniMambaForConditionalGeneration
     from omnimamba_hf.training import merge_stage_checkpoints
 
     from .vq_pretrain import codebook_usage, train_vq
 
-    recipe = recipe or DemoRecipe.full()
-    hf_logging.set_verbosity_warning()
-    logging.getLogger("omnimamba_hf").setLevel(logging.WARNING)
-    try:
-        import datasets
-
-        datasets.disable_progress_bars() if not progress else None
-        datasets.utils.logging.set_verbosity_error()
-    except ImportError:  # pragma: no cover
-        pass
     t0 = time.time()
     report: dict = {"recipe": asdict(recipe), "recipe_version": RECIPE_VERSION, "stages": []}
     split = D.load_split().subset(recipe.max_train_images, recipe.max_eval_images)
