@@ -21,19 +21,9 @@ CORPUS = [
 @functools.lru_cache(maxsize=None)
 def base_tokenizer_json(vocab_size: int = 300) -> str:
     """A byte-level BPE like GPT-NeoX-20B's: `<|endoftext|>` = 0, `<|padding|>` = 1, no BOS/EOS added."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from omnimamba_hf.demo.tiny import train_neox_style_tokenizer_json
 
-    tok = Tokenizer(models.BPE())
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(
-        vocab_size=vocab_size,
-        special_tokens=["<|endoftext|>", "<|padding|>"],
-        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
-        show_progress=False,
-    )
-    tok.train_from_iterator(CORPUS * 4, trainer=trainer)
-    return tok.to_str()
+    return train_neox_style_tokenizer_json(CORPUS * 4, vocab_size)
 
 
 def make_base_tokenizer(vocab_size: int = 300):

@@ -38,8 +38,9 @@ CAPTION_SLOTS = 8
 MMU_TEXT_LENGTH = 20  # text part of an MMU training sequence (the original's 449)
 
 
-@functools.lru_cache(maxsize=None)
-def _base_tokenizer_json(vocab_size: int = TOKENIZER_VOCAB_SIZE) -> str:
+def train_neox_style_tokenizer_json(texts: list[str], vocab_size: int) -> str:
+    """A byte-level BPE like GPT-NeoX-20B's (`<|endoftext|>` = 0, `<|padding|>` = 1, nothing added around texts),
+    trained on `texts`: the stand-in for the GPT-NeoX tokenizer where it cannot be downloaded (demo and tests)."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
     tok = Tokenizer(models.BPE())
@@ -51,8 +52,13 @@ def _base_tokenizer_json(vocab_size: int = TOKENIZER_VOCAB_SIZE) -> str:
         initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
         show_progress=False,
     )
-    tok.train_from_iterator(demo_texts() * 4, trainer=trainer)
+    tok.train_from_iterator(texts, trainer=trainer)
     return tok.to_str()
+
+
+@functools.lru_cache(maxsize=None)
+def _base_tokenizer_json(vocab_size: int = TOKENIZER_VOCAB_SIZE) -> str:
+    return train_neox_style_tokenizer_json(demo_texts() * 4, vocab_size)
 
 
 def demo_base_tokenizer():
