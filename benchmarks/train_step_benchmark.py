@@ -36,7 +36,7 @@ except ImportError:  # running from a checkout without installing
 from transformers import TrainerCallback
 
 from omnimamba_hf import OmniMambaConfig, OmniMambaForConditionalGeneration
-from omnimamba_hf.modeling.configuration_omnimamba import token_ids_for_base_vocab
+from omnimamba_hf.processing.tokenization_omnimamba import token_ids_for_base_vocab
 from omnimamba_hf.modeling.mixer_omnimamba import mamba_kernels
 from omnimamba_hf.processing import OmniMambaImageProcessor
 from omnimamba_hf.training import (

@@ -16,7 +16,8 @@ from PIL import Image
 from transformers import AutoConfig, AutoImageProcessor, AutoProcessor, AutoTokenizer, GPTNeoXTokenizer
 
 from common import make_base_tokenizer, tiny_config
-from omnimamba_hf.modeling.configuration_omnimamba import OmniMambaConfig, token_ids_for_base_vocab
+from omnimamba_hf.modeling.configuration_omnimamba import OmniMambaConfig
+from omnimamba_hf.processing.tokenization_omnimamba import token_ids_for_base_vocab
 from omnimamba_hf.processing import (
     OmniMambaImageProcessor,
     OmniMambaProcessor,
@@ -448,3 +449,36 @@ def test_image_code_id_conversion():
     with pytest.raises(ValueError, match="Image token ids"):
         proc.ids_to_image_codes([319])
     assert full_processor().image_codes_to_ids([0, 16383]) == [50288, 50288 + 16383]
+
+
+def test_saved_processor_loads_with_trust_remote_code_without_the_package(tmp_path):
+    """save_pretrained writes the processing code and an auto_map: a process that cannot import omnimamba_hf loads the
+    processor with trust_remote_code=True and builds the same inputs."""
+    import os
+    import subprocess
+    import sys
+
+    from common import make_base_tokenizer, tiny_config
+
+    processor = OmniMambaProcessor.from_config(tiny_config(), make_base_tokenizer())
+    processor.save_pretrained(tmp_path)
+    assert (tmp_path / "processing_omnimamba.py").exists() and (tmp_path / "tokenization_omnimamba.py").exists()
+    code = f"""
+import builtins
+real_import = builtins.__import__
+def guarded(name, *args, **kwargs):
+    if name.split(".")[0] == "omnimamba_hf":
+        raise ImportError("omnimamba_hf must not be needed")
+    return real_import(name, *args, **kwargs)
+builtins.__import__ = guarded
+from transformers import AutoProcessor
+p = AutoProcessor.from_pretrained({str(tmp_path)!r}, trust_remote_code=True)
+assert type(p).__module__.startswith("transformers_modules"), type(p).__module__
+print(p(text=["a handwritten seven"], generation_mode="image")["input_ids"].tolist())
+"""
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    env["HF_MODULES_CACHE"] = str(tmp_path / "modules")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, cwd=tmp_path)
+    assert out.returncode == 0, out.stderr[-3000:]
+    expected = processor(text=["a handwritten seven"], generation_mode="image")["input_ids"].tolist()
+    assert out.stdout.strip().splitlines()[-1] == str(expected)

@@ -41,7 +41,8 @@ from pathlib import Path
 
 import torch
 
-from ..modeling.configuration_omnimamba import OmniMambaConfig, token_ids_for_base_vocab
+from ..modeling.configuration_omnimamba import OmniMambaConfig
+from ..processing.tokenization_omnimamba import token_ids_for_base_vocab
 from .vision_towers import convert_timm_dino_state_dict, convert_timm_siglip_state_dict
 from .vq_llamagen import convert_llamagen_vq_state_dict, unwrap_llamagen_checkpoint
 

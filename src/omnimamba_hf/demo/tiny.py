@@ -22,7 +22,8 @@ from __future__ import annotations
 
 import functools
 
-from omnimamba_hf.modeling.configuration_omnimamba import OmniMambaConfig, token_ids_for_base_vocab
+from omnimamba_hf.modeling.configuration_omnimamba import OmniMambaConfig
+from omnimamba_hf.processing.tokenization_omnimamba import token_ids_for_base_vocab
 
 from .data import demo_texts
 

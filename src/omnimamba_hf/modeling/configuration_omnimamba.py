@@ -71,25 +71,6 @@ SIGLIP_DEFAULTS = {
 }
 
 
-TASK_TOKENS = ("<|soi|>", "<|eoi|>", "<|sot|>", "<|eot|>", "<|t2i|>", "<|mmu|>", "<|soc|>", "<|eoc|>", "<|lvg|>")
-PAD_TOKEN = "[PAD]"
-IMAGE_TOKEN = "<image>"
-
-
-def token_ids_for_base_vocab(base_vocab_size: int, pad_vocab_size_multiple: int = 16) -> dict:
-    """The special-token ids and padded text vocabulary that follow from a base GPT-NeoX-style tokenizer of
-    `base_vocab_size` ids (ORIGINAL-SPEC §1.4): `[PAD]` first, then the nine task tokens in order, then the image
-    placeholder; the embedding is padded to a multiple of 16. For the 50277-id GPT-NeoX-20B tokenizer this gives
-    `[PAD]` 50277, `<|soi|>` 50278 … `<|lvg|>` 50286, `<image>` 50287 and 50288 embedding rows."""
-    b = base_vocab_size
-    names = ("soi", "eoi", "sot", "eot", "t2i", "mmu", "soc", "eoc", "lvg")
-    ids = {"pad_token_id": b, **{f"{n}_token_id": b + 1 + i for i, n in enumerate(names)}}
-    ids["image_token_id"] = b + 10
-    m = pad_vocab_size_multiple
-    ids["text_vocab_size"] = -(-(b + 11) // m) * m
-    return ids
-
-
 def _merged(defaults: dict, value):
     """A sub-config given as a dict is read as overrides of the OmniMamba defaults."""
     if value is None:
@@ -339,12 +320,4 @@ class OmniMambaConfig(PreTrainedConfig):
         return self.task_lora_alpha / self.task_lora_rank
 
 
-__all__ = [
-    "OmniMambaConfig",
-    "OmniMambaVisionConfig",
-    "OmniMambaVQVAEConfig",
-    "token_ids_for_base_vocab",
-    "TASK_TOKENS",
-    "PAD_TOKEN",
-    "IMAGE_TOKEN",
-]
+__all__ = ["OmniMambaConfig", "OmniMambaVisionConfig", "OmniMambaVQVAEConfig"]

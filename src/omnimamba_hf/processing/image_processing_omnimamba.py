@@ -103,6 +103,8 @@ class OmniMambaImageProcessor(PilBackend):
     ```
     """
 
+    _auto_class = "AutoImageProcessor"  # save_pretrained copies this code next to the files
+
     valid_kwargs = OmniMambaImageProcessorKwargs
     model_input_names = ["pixel_values"]
     resample = PILImageResampling.BICUBIC

@@ -85,6 +85,8 @@ class OmniMambaProcessor(ProcessorMixin):
     ```
     """
 
+    _auto_class = "AutoProcessor"  # save_pretrained copies this code next to the files (trust_remote_code)
+
     valid_processor_kwargs = OmniMambaProcessorKwargs
     text_kwargs = {"padding": True, "padding_side": "left", "return_tensors": "pt"}
     images_kwargs = {"return_tensors": "pt"}

@@ -20,7 +20,24 @@ from collections.abc import Mapping
 
 from tokenizers import AddedToken
 
-from omnimamba_hf.modeling.configuration_omnimamba import IMAGE_TOKEN, PAD_TOKEN, TASK_TOKENS, token_ids_for_base_vocab
+TASK_TOKENS = ("<|soi|>", "<|eoi|>", "<|sot|>", "<|eot|>", "<|t2i|>", "<|mmu|>", "<|soc|>", "<|eoc|>", "<|lvg|>")
+PAD_TOKEN = "[PAD]"
+IMAGE_TOKEN = "<image>"
+
+
+def token_ids_for_base_vocab(base_vocab_size: int, pad_vocab_size_multiple: int = 16) -> dict:
+    """The special-token ids and padded text vocabulary that follow from a base GPT-NeoX-style tokenizer of
+    `base_vocab_size` ids (ORIGINAL-SPEC §1.4): `[PAD]` first, then the nine task tokens in order, then the image
+    placeholder; the embedding is padded to a multiple of 16. For the 50277-id GPT-NeoX-20B tokenizer this gives
+    `[PAD]` 50277, `<|soi|>` 50278 … `<|lvg|>` 50286, `<image>` 50287 and 50288 embedding rows."""
+    b = base_vocab_size
+    names = ("soi", "eoi", "sot", "eot", "t2i", "mmu", "soc", "eoc", "lvg")
+    ids = {"pad_token_id": b, **{f"{n}_token_id": b + 1 + i for i, n in enumerate(names)}}
+    ids["image_token_id"] = b + 10
+    m = pad_vocab_size_multiple
+    ids["text_vocab_size"] = -(-(b + 11) // m) * m
+    return ids
+
 
 # id name (as in `token_ids_for_base_vocab` / `OmniMambaConfig`) -> token string
 TOKEN_NAMES: dict[str, str] = {
@@ -117,4 +134,13 @@ def check_tokenizer_matches_config(tokenizer, config) -> None:
     _check_ids(tokenizer, _expected_dict(config), "the config")
 
 
-__all__ = ["TOKEN_NAMES", "build_omnimamba_tokenizer", "check_tokenizer_matches_config", "special_token_ids"]
+__all__ = [
+    "IMAGE_TOKEN",
+    "PAD_TOKEN",
+    "TASK_TOKENS",
+    "TOKEN_NAMES",
+    "build_omnimamba_tokenizer",
+    "check_tokenizer_matches_config",
+    "special_token_ids",
+    "token_ids_for_base_vocab",
+]
