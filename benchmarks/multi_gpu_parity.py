@@ -188,14 +188,7 @@ def synthetic_datasets(config, n_mmu: int, n_t2i: int, text_length: int, seed: i
 def image_processor_for(config):
     from omnimamba_hf.processing import OmniMambaImageProcessor
 
-    vision = config.vision_config
-    return OmniMambaImageProcessor(
-        size={"height": vision.image_size, "width": vision.image_size},
-        image_mean=list(vision.dino_image_mean),
-        image_std=list(vision.dino_image_std),
-        siglip_image_mean=list(vision.siglip_image_mean),
-        siglip_image_std=list(vision.siglip_image_std),
-    )
+    return OmniMambaImageProcessor.from_model_config(config)
 
 
 class UidCollator:

@@ -165,14 +165,7 @@ def main(argv=None) -> dict:
     # enough records that every timed step sees new samples
     mmu, t2i = synthetic_records(config, max(mmu_batch * total_steps, mmu_batch), max(t2i_batch * 2, t2i_batch), max_text_length, args.seed)
     dataset = MixedTaskDataset(mmu=mmu if mmu_batch else None, t2i=t2i if t2i_batch else None)
-    vision = config.vision_config
-    image_processor = OmniMambaImageProcessor(
-        size={"height": vision.image_size, "width": vision.image_size},
-        image_mean=list(vision.dino_image_mean),
-        image_std=list(vision.dino_image_std),
-        siglip_image_mean=list(vision.siglip_image_mean),
-        siglip_image_std=list(vision.siglip_image_std),
-    )
+    image_processor = OmniMambaImageProcessor.from_model_config(config)
     collator = OmniMambaDataCollator(config, image_processor=image_processor, max_text_length=max_text_length)
     workers = args.num_workers if args.num_workers is not None else (4 if cuda else 0)
 

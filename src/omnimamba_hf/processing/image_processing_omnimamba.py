@@ -122,6 +122,19 @@ class OmniMambaImageProcessor(PilBackend):
 
     # ---- loading ----------------------------------------------------------------------------------------------------
 
+    @classmethod
+    def from_model_config(cls, config, **kwargs) -> "OmniMambaImageProcessor":
+        """The image processor matching an `OmniMambaConfig`'s vision towers (size and both normalisations)."""
+        vision = config.vision_config
+        return cls(
+            size={"height": vision.image_size, "width": vision.image_size},
+            image_mean=list(vision.dino_image_mean),
+            image_std=list(vision.dino_image_std),
+            siglip_image_mean=list(vision.siglip_image_mean),
+            siglip_image_std=list(vision.siglip_image_std),
+            **kwargs,
+        )
+
     def fetch_images(self, images):
         """Load every str / path / bytes entry (nested lists are kept); images pass through unchanged."""
         if isinstance(images, (list, tuple)):

@@ -138,14 +138,7 @@ class OmniMambaProcessor(ProcessorMixin):
         if image_processor is None:
             from .image_processing_omnimamba import OmniMambaImageProcessor
 
-            vision = config.vision_config
-            image_processor = OmniMambaImageProcessor(
-                size={"height": vision.image_size, "width": vision.image_size},
-                image_mean=list(vision.dino_image_mean),
-                image_std=list(vision.dino_image_std),
-                siglip_image_mean=list(vision.siglip_image_mean),
-                siglip_image_std=list(vision.siglip_image_std),
-            )
+            image_processor = OmniMambaImageProcessor.from_model_config(config)
         return cls(
             image_processor,
             tokenizer,
