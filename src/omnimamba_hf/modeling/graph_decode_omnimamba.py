@@ -104,7 +104,8 @@ class OmniMambaGraphDecoder:
             self._A = [-torch.exp(layer.mixer.A_log.float()) for layer in lm.layers]
             self._fused_in_proj = fused_in_proj(model)
         # One layer is compiled once and reused by all layers (same shapes): a few seconds of compilation, not minutes.
-        self._layer = torch.compile(_layer_step, fullgraph=True, dynamic=False) if compile else _layer_step
+        compiled = compile and backend == "inductor"
+        self._layer = torch.compile(_layer_step, fullgraph=True, dynamic=False) if compiled else _layer_step
         self._fn = self._step_kernels if backend == "kernels" else self._step
         self._graph = None
         self._use_graph = use_graph and device.type == "cuda"
