@@ -155,10 +155,21 @@ def bench_omnimamba(model, bandwidth, tiny: bool):
         cache = DynamicCache(config=config.get_text_config(decoder=True))
         model(input_ids=ids, pixel_values=pixels, cache_params=cache, use_cache=True, logits_to_keep=1)
 
+    decoder = "cuda_graph" if torch.cuda.is_available() else "static"
+
+    def graph_prefill():  # what generate() runs: eager embeddings + graph-replayed vision towers and Mamba stack
+        return model._omnimamba_prefill(ids, "mmu", decoder, pixel_values=pixels)
+
     with torch.no_grad():
         prefill()
-        prefill_ms = timed(prefill, repeat=5) * 1e3
-        vision_ms = timed(lambda: model.model.get_image_features(pixels), repeat=5) * 1e3
+        eager_prefill_ms = timed(prefill, repeat=5) * 1e3
+        eager_vision_ms = timed(lambda: model.model.get_image_features(pixels), repeat=5) * 1e3
+        graph_prefill()  # capture
+        prefill_ms = timed(graph_prefill, repeat=10) * 1e3
+        vision_ms = eager_vision_ms
+        if decoder == "cuda_graph":
+            model._graph_image_features(pixels)
+            vision_ms = timed(lambda: model._graph_image_features(pixels), repeat=10) * 1e3
     new = 8 if tiny else 256
     model.generate(ids, pixel_values=pixels, max_new_tokens=new, eos_token_id=None)  # compile + capture
     t = timed(lambda: model.generate(ids, pixel_values=pixels, max_new_tokens=new, eos_token_id=None), repeat=3)
@@ -170,11 +181,14 @@ def bench_omnimamba(model, bandwidth, tiny: bool):
         "prompt_positions": ids.shape[1],
         "image_encoding_ms": vision_ms,
         "image_plus_prefill_ms": prefill_ms,
+        "eager_image_encoding_ms": eager_vision_ms,
+        "eager_image_plus_prefill_ms": eager_prefill_ms,
         "ms_per_step_graph": step_ms,
         "ms_per_token_generate": decode_ms,
         "step_over_floor": step_ms / results["mmu_floor_ms"],
         "generate_over_floor": decode_ms / results["mmu_floor_ms"],
     }
+    print(f"MMU batch 1: eager image+prefill {eager_prefill_ms:.1f} ms (vision {eager_vision_ms:.1f} ms)", flush=True)
     print(f"MMU batch 1: image+prefill of {ids.shape[1]} positions {prefill_ms:.1f} ms (vision {vision_ms:.1f} ms); "
           f"step {step_ms:.3f} ms ({step_ms / results['mmu_floor_ms']:.2f}x floor); generate {decode_ms:.3f} ms/token",
           flush=True)  # fmt: skip
@@ -196,6 +210,14 @@ def bench_omnimamba(model, bandwidth, tiny: bool):
             mem[target] = torch.cuda.max_memory_allocated()
         results["omnimamba_peak_memory_bytes_vs_tokens"] = mem
         print("OmniMamba peak memory vs decoded tokens:", {k: f"{v / 2**30:.3f} GiB" for k, v in mem.items()}, flush=True)
+        # Language-model-only figure, comparable with a text-only Llama: the vision towers, projector and VQ stay
+        # resident but are never touched by decoding, so their weight bytes come off the peak.
+        unused = [model.model.vision_model, model.model.projector, model.model.vqmodel]
+        unused_bytes = sum(p.numel() * p.element_size() for m in unused for p in m.parameters())
+        lm_only = {k: v - unused_bytes for k, v in mem.items()}
+        results["omnimamba_lm_only_peak_memory_bytes_vs_tokens"] = lm_only
+        print("OmniMamba (language model only) peak memory:", {k: f"{v / 2**30:.3f} GiB" for k, v in lm_only.items()},
+              flush=True)  # fmt: skip
     return results
 
 
@@ -297,7 +319,17 @@ def main(argv=None):
     parser.add_argument("--skip-baselines", action="store_true")
     parser.add_argument("--only", choices=["omnimamba", "baselines"], default=None, help="run one half (two device calls)")
     parser.add_argument("--out", default=None, help="write all numbers as JSON here")
+    parser.add_argument("--original", default=None, metavar="PATH",
+                        help="checkout of the original OmniMamba code: also time its own CUDA-graph decode (cg=True) "
+                             "in the same run")  # fmt: skip
     args = parser.parse_args(argv)
+    if args.original:  # fail before the long run, not after it
+        from bench_original_decode import check_requirements
+
+        try:
+            check_requirements(args.original)
+        except (RuntimeError, FileNotFoundError) as e:
+            parser.error(str(e))
     device = "cuda" if torch.cuda.is_available() else "cpu"
     dtype = getattr(torch, args.dtype)
     torch.manual_seed(0)
@@ -334,6 +366,21 @@ def main(argv=None):
         results["mamba2_generic"] = bench_mamba2_generic(config, device, dtype, args.tiny)
         lengths = (256, 512) if args.tiny else (256, 2048, 8192, 16384)
         results["llama"] = bench_llama(device, dtype, args.tiny, lengths)
+    if args.original:  # the original at the same size and dtype, after the port's model is freed
+        from bench_original_decode import bench_original
+
+        import gc
+
+        model = None  # noqa: F841 (frees the port's weights and graphs)
+        gc.collect()
+        torch.cuda.empty_cache()
+        try:
+            results["original"] = bench_original(args.original, dtype, args.tiny)
+        except Exception as e:  # keep the numbers measured so far
+            import traceback
+
+            traceback.print_exc()
+            results["original"] = {"error": repr(e)}
     if "omnimamba" in results:
         summary(results)
     if args.out:
@@ -355,6 +402,21 @@ def summary(r):
     print(f"MMU b1: image+prefill {m['image_plus_prefill_ms']:.1f} ms for {m['prompt_positions']} positions; "
           f"{m['ms_per_step_graph']:.3f} ms/step = {m['step_over_floor']:.2f}x floor; "
           f"{m['ms_per_token_generate']:.3f} ms/token in generate() = {m['generate_over_floor']:.2f}x floor")  # fmt: skip
+    orig = r.get("original", {})
+    if "t2i_b1" in orig and "t2i_b1" in o:
+        ot, t = orig["t2i_b1"], o["t2i_b1"]
+        x_step = ot["ms_per_token_decode"] / t["ms_per_step_graph"]
+        x_gen = ot["ms_per_token_call"] / t["ms_per_token_generate"]
+        print(f"vs the original's CUDA-graph decode: T2I {ot['ms_per_token_decode']:.2f} ms/token -> "
+              f"{x_step:.2f}x faster (ours step {t['ms_per_step_graph']:.3f} ms); "
+              f"{ot['s_per_image']:.3f} s/image -> {x_gen:.2f}x faster "
+              f"(ours generate() {t['s_per_image']:.3f} s/image, {t['ms_per_token_generate']:.2f} ms/token)")  # fmt: skip
+    if "mmu_b1" in orig:
+        om = orig["mmu_b1"]["ms_per_token_decode"]
+        print(f"vs the original's CUDA-graph decode: MMU {om:.2f} ms/token -> "
+              f"{om / m['ms_per_step_graph']:.2f}x faster (ours step {m['ms_per_step_graph']:.3f} ms), "
+              f"{om / m['ms_per_token_generate']:.2f}x "
+              f"(ours generate() {m['ms_per_token_generate']:.3f} ms/token)")  # fmt: skip
     ours = m["ms_per_step_graph"]
     if "mamba2_generic" in r:
         g = r["mamba2_generic"]["ms_per_token"]
@@ -366,8 +428,10 @@ def summary(r):
                 t_llama = integrate(per, n)
                 t_ours = ours * n / 1e3
                 mem_l = r["llama"][mode][n]["peak_memory_bytes"]
-                mem_o = o.get("omnimamba_peak_memory_bytes_vs_tokens", {}).get(min(o.get("omnimamba_peak_memory_bytes_vs_tokens", {n: 0}), key=lambda k: abs(k - n)), 0)
-                ratio = f", peak memory {mem_o / mem_l:.2f}x" if mem_l and mem_o else ""
+                lm_mem = {int(k): v for k, v in o.get("omnimamba_lm_only_peak_memory_bytes_vs_tokens", {}).items()}
+                mem_o = lm_mem.get(n, 0)
+                ratio = (f", peak memory (language models only) {mem_o / 2**30:.2f} vs {mem_l / 2**30:.2f} GiB = "
+                         f"{1 - mem_o / mem_l:.0%} less") if mem_l and mem_o else ""  # fmt: skip
                 print(f"vs Llama {mode} at {n} tokens: {t_llama:.2f} s vs {t_ours:.2f} s -> {t_llama / t_ours:.1f}x faster{ratio}")
     mem = o.get("omnimamba_peak_memory_bytes_vs_tokens")
     if mem:

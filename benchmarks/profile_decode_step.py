@@ -1,13 +1,21 @@
-"""Where does one decode step of OmniMamba-1.3B (bf16, batch 1) spend its time? Kernel-level profile of the graph
-decoder's step for each backend, and the GEMV rates of the two big projections against the copy bandwidth.
+"""Where does one decode step of OmniMamba-1.3B (bf16) spend its time? Kernel-level profile of the graph decoder's step
+for each backend, the GEMV rates of the big projections against the copy bandwidth, and (--sweep) the launch
+configurations of the fused Triton kernels.
 
-    python benchmarks/profile_decode_step.py
+    python benchmarks/profile_decode_step.py [--sweep] [--batches 1,2,4]
+
+GEMVs are timed inside a CUDA graph over enough weight copies (> 200 MB) that the 50 MB L2 cache cannot serve them:
+in a decode step every weight is read once, from HBM.
 """
+
+import argparse
+import itertools
 
 import torch
 from torch.profiler import ProfilerActivity, profile
 
 from omnimamba_hf import OmniMambaConfig, OmniMambaForConditionalGeneration
+from omnimamba_hf.modeling import triton_decode_omnimamba as fused
 
 
 def event_ms(fn, iters=100):
@@ -22,21 +30,120 @@ def event_ms(fn, iters=100):
     return s.elapsed_time(e) / iters
 
 
+def graph_us_per_call(calls) -> float:
+    """Mean µs per call of a list of zero-argument launches, replayed as one CUDA graph."""
+    for c in calls:
+        c()
+    torch.cuda.synchronize()
+    g = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(g):
+        for c in calls:
+            c()
+    return event_ms(g.replay, iters=20) * 1e3 / len(calls)
+
+
+def copies_for(shape, dtype=torch.bfloat16, min_bytes=200 << 20):
+    n = max(2, -(-min_bytes // (shape[0] * shape[1] * 2)))
+    return [torch.randn(shape, device="cuda", dtype=dtype) * 0.02 for _ in range(n)]
+
+
+def sweep(bw):
+    """Try launch configurations of the fused kernels on the 1.3B shapes; print µs and GB/s; return the best."""
+    best = {}
+    d, e = 2048, 4096
+    res = torch.randn(1, d, device="cuda")
+    nw = torch.ones(d, device="cuda", dtype=torch.bfloat16)
+    for name, shape in (("in_proj", (8528, d)), ("head_t2i", (16384, d))):
+        ws = copies_for(shape)
+        out = torch.empty(1, shape[0], device="cuda", dtype=torch.bfloat16)
+        rows = []
+        for bn, bk, nwp in itertools.product((4, 8, 16, 32), (128, 256, 512), (2, 4, 8)):
+            if bn * bk > 16384:
+                continue
+            us = graph_us_per_call([lambda w=w: fused.rmsnorm_gemv(res, nw, w, out, 1e-5, bn, bk, nwp) for w in ws])
+            rows.append((us, bn, bk, nwp))
+        rows.sort()
+        for us, bn, bk, nwp in rows[:5]:
+            print(f"sweep {name} {shape}: block_n {bn} block_k {bk} warps {nwp}: {us:.1f} us, "
+                  f"{shape[0] * shape[1] * 2 / us / 1e3:.0f} GB/s ({shape[0] * shape[1] * 2 / us / 1e3 / bw:.0%} of copy)")  # fmt: skip
+        best[name] = dict(block_n=rows[0][1], block_k=rows[0][2], num_warps=rows[0][3])
+    ws = copies_for((d, e))
+    gated = torch.randn(1, e, device="cuda")
+    gw = torch.ones(e, device="cuda", dtype=torch.bfloat16)
+    resid = torch.zeros(1, d, device="cuda")
+    conv = torch.zeros(1, e + 256, 4, device="cuda", dtype=torch.bfloat16)
+    bc = torch.zeros(1, 256, device="cuda", dtype=torch.bfloat16)
+    rows = []
+    for bn, bk, nwp in itertools.product((2, 4, 8, 16), (256, 512, 1024), (2, 4, 8)):
+        if bn * bk > 16384:
+            continue
+        us = graph_us_per_call([
+            lambda w=w: fused.gated_norm_gemv(gated, gw, w, resid, conv, bc, 1e-5, d_inner=e, out_dtype=torch.bfloat16,
+                                              block_n=bn, block_k=bk, num_warps=nwp) for w in ws
+        ])  # fmt: skip
+        rows.append((us, bn, bk, nwp))
+    rows.sort()
+    for us, bn, bk, nwp in rows[:5]:
+        print(f"sweep out_proj ({d}, {e}): block_n {bn} block_k {bk} warps {nwp}: {us:.1f} us, "
+              f"{d * e * 2 / us / 1e3:.0f} GB/s ({d * e * 2 / us / 1e3 / bw:.0%} of copy)")  # fmt: skip
+    best["out_proj"] = dict(block_n=rows[0][1], block_k=rows[0][2], num_warps=rows[0][3])
+    # cuBLAS for comparison, same L2-defeating rotation
+    for shape in ((8512, d), (d, e), (16384, d)):
+        ws = copies_for(shape)
+        v = torch.randn(1, shape[1], device="cuda", dtype=torch.bfloat16)
+        us = graph_us_per_call([lambda w=w: torch.nn.functional.linear(v, w) for w in ws])
+        print(f"cuBLAS GEMV {shape}: {us:.1f} us, {shape[0] * shape[1] * 2 / us / 1e3:.0f} GB/s")
+    return best
+
+
 def main():
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--sweep", action="store_true", help="tune the fused kernels' launch configurations first")
+    parser.add_argument("--batches", default="1", help="batch sizes for the per-backend step timing")
+    parser.add_argument("--backends", default="fused,kernels", help="graph-decoder backends to profile")
+    args = parser.parse_args()
     torch.manual_seed(0)
-    with torch.device("cuda"):
-        model = OmniMambaForConditionalGeneration(OmniMambaConfig()).to(torch.bfloat16).eval()
     n = 1 << 30
     x, y = torch.empty(n, dtype=torch.uint8, device="cuda"), torch.empty(n, dtype=torch.uint8, device="cuda")
     bw = 2 * n / (event_ms(lambda: y.copy_(x), 20) / 1e3) / 1e9
+    del x, y
     print(f"copy bandwidth {bw:.0f} GB/s")
-    for shape in ((8512, 2048), (2048, 4096), (8520, 2048), (16384, 2048), (50288, 2048)):
-        w = torch.randn(shape, device="cuda", dtype=torch.bfloat16)
-        v = torch.randn(1, shape[1], device="cuda", dtype=torch.bfloat16)
-        ms = event_ms(lambda: torch.nn.functional.linear(v, w))
-        print(f"GEMV {shape}: {ms * 1e3:.1f} us, {w.numel() * 2 / (ms / 1e3) / 1e9:.0f} GB/s")
+    if args.sweep:
+        best = sweep(bw)
+        print("best launch configurations:", best)
+        fused.LAUNCH["in_proj"] = best["in_proj"]
+        fused.LAUNCH["head"] = best["head_t2i"]
+        fused.LAUNCH["out_proj"] = best["out_proj"]
+    with torch.device("cuda"):
+        model = OmniMambaForConditionalGeneration(OmniMambaConfig()).to(torch.bfloat16).eval()
     V = model.config.text_vocab_size
-    for backend in ("kernels", "inductor"):
+    backends = args.backends.split(",")
+    if args.sweep and "fused" in backends:
+        for bp in (16, 32, 64):
+            fused.LAUNCH["ssm_block_p"] = bp
+            model.reset_graph_decoders()
+            dec = model.graph_decoder("t2i", 1, backend="fused")
+            tok = torch.full((1,), V + 1, device="cuda")
+            print(f"fused step with SSM block_p {bp}: {event_ms(lambda: dec.step(tok, 80)):.3f} ms")
+    for batch in [int(b) for b in args.batches.split(",")]:
+        for backend in backends:
+            model.reset_graph_decoders()
+            for task in ("t2i", "mmu"):
+                dec = model.graph_decoder(task, batch, backend=backend)
+                tok = torch.full((batch,), V + 1 if task == "t2i" else 100, device="cuda")
+                print(f"batch {batch} {task} {backend}: graph replay {event_ms(lambda: dec.step(tok, 80)):.3f} ms/step")
+    if "fused" in backends:  # programmatic dependent launch on / off
+        import os
+
+        for pdl in ("0", "1"):
+            os.environ["OMNIMAMBA_PDL"] = pdl
+            fused.use_pdl.cache_clear()
+            model.reset_graph_decoders()
+            dec = model.graph_decoder("t2i", 1, backend="fused")
+            tok = torch.full((1,), V + 1, device="cuda")
+            print(f"fused step, PDL {'on' if pdl == '1' else 'off'}: {event_ms(lambda: dec.step(tok, 80)):.3f} ms")
+    for backend in backends:
+        model.reset_graph_decoders()
         dec = model.graph_decoder("t2i", 1, backend=backend)
         tok = torch.full((1,), V + 1, device="cuda")
         graph_ms = event_ms(lambda: dec.step(tok, 80))
@@ -53,7 +160,7 @@ def main():
         count = sum(e.count for e in events) / 10
         print(f"\n== backend {backend}: graph replay {graph_ms:.3f} ms/step; kernels {count:.0f}/step, "
               f"sum of kernel time {total:.3f} ms/step")  # fmt: skip
-        print(prof.key_averages().table(sort_by="self_device_time_total", row_limit=18, max_name_column_width=70))
+        print(prof.key_averages().table(sort_by="self_device_time_total", row_limit=14, max_name_column_width=60))
 
 
 if __name__ == "__main__":

@@ -1,6 +1,8 @@
 """generate() for both tasks against a step-by-step re-implementation of the original decode loop (ORIGINAL-SPEC §5),
 batched == unbatched, streaming, constant-size cache, position-table guards, guidance off == plain."""
 
+import copy
+
 import pytest
 import torch
 from transformers import DynamicCache, TextStreamer
@@ -271,3 +273,51 @@ def test_cuda_graph_decoder_needs_cuda(model, config):
         pytest.skip("has CUDA")
     with pytest.raises(ValueError, match="CUDA"):
         model.generate(torch.tensor([t2i_prompt(config, (8,))]), generation_mode="image", decoder="cuda_graph")
+
+
+# ---- the chunked prefill of the CUDA-graph path (its arithmetic, run eagerly on CPU) --------------------------------
+
+
+@pytest.mark.parametrize("task", ["t2i", "mmu"])
+def test_chunked_prefill_equals_one_shot_prefill(model, config, task):
+    """The graph prefill runs the prompt in power-of-two chunks (13 = 8 + 4 + 1), each continuing the recurrent
+    state: logits and final states equal the one-shot prefill, with left padding too (MMU)."""
+    from omnimamba_hf.modeling.graph_prefill_omnimamba import OmniMambaGraphPrefill, chunk_lengths
+
+    assert chunk_lengths(797) == [512, 256, 16, 8, 4, 1] and chunk_lengths(72) == [64, 8]
+    if task == "t2i":
+        ids = torch.tensor([t2i_prompt(config, (8, 9, 10)), t2i_prompt(config, (11, 12))])
+        mask, px, positions = None, None, None
+    else:
+        a, b = mmu_prompt(config, (5, 6)), mmu_prompt(config, (5, 6, 7, 8, 9, 10))
+        pad = len(b) - len(a)
+        ids = torch.tensor([[config.pad_token_id] * pad + a, b])
+        mask = torch.tensor([[0] * pad + [1] * len(a), [1] * len(b)])
+        px = torch.cat([pixels(1), pixels(2)])
+        positions = (mask.cumsum(-1) - 1).clamp(min=0)
+    assert len(chunk_lengths(ids.shape[1])) >= 2, chunk_lengths(ids.shape[1])  # really chunked
+    model = copy.deepcopy(model).double()  # float64: only a logic error can differ, not reassociation
+    px = px.double() if px is not None else None
+    with torch.no_grad():
+        cache = DynamicCache(config=config.get_text_config(decoder=True))
+        out = model(input_ids=ids, pixel_values=px, attention_mask=mask, position_ids=positions, task=task,
+                    cache_params=cache, use_cache=True, logits_to_keep=1)  # fmt: skip
+        embeds, _ = model.model.build_inputs_embeds(ids, px, None, positions, task)
+        prefill = OmniMambaGraphPrefill(model, task, 2, use_graph=False)
+        logits = prefill(embeds, mask)
+        again = prefill(embeds, mask)  # states are reset between prompts
+    torch.testing.assert_close(logits, out.logits[:, -1], rtol=1e-10, atol=1e-10)
+    torch.testing.assert_close(again, logits)
+    for ours, ref in zip(prefill.cache.layers, cache.layers):
+        torch.testing.assert_close(ours.conv_states[0], ref.conv_states[0], rtol=1e-10, atol=1e-10)
+        torch.testing.assert_close(ours.recurrent_states[0], ref.recurrent_states[0], rtol=1e-10, atol=1e-10)
+
+
+def test_model_with_graph_caches_deep_copies(model, config):
+    """Captured decoders / prefill graphs are not part of the model's state: deepcopy and pickling skip them."""
+    model.graph_decoder("t2i", 1, decoder="static")
+    copied = copy.deepcopy(model)
+    assert "_omnimamba_graph_decoders" not in copied.__dict__
+    ids = torch.tensor([t2i_prompt(config, (8, 9))])
+    assert torch.equal(copied.generate(ids, generation_mode="image", decoder="static"),
+                       model.generate(ids, generation_mode="image", decoder="static"))  # fmt: skip

@@ -9,7 +9,8 @@ not in the original, whose model was never trained with dropped captions).
 Decoders (`generate(..., decoder=...)`): "eager" runs every step through `forward` with a transformers `DynamicCache`;
 "cuda_graph" (the default on CUDA in eval mode: "auto") replays one compiled CUDA graph per step over static state
 buffers (`graph_decode_omnimamba.py`); "static" is the same static-buffer step without compilation or graph (any device;
-what the CPU tests use to check the fast path's arithmetic). The prefill is always eager.
+what the CPU tests use to check the fast path's arithmetic). With "cuda_graph" the prefill is replayed from CUDA
+graphs too (`graph_prefill_omnimamba.py`: vision towers, and the Mamba stack in power-of-two chunks); otherwise eager.
 
 Position tables. An MMU sequence can hold `mmu_max_position_embeddings` (1500) positions, image slots included; the
 token sampled at the last position is never fed back, so at most `1500 + 1 - prompt_length` new tokens exist. The
@@ -35,6 +36,11 @@ from transformers.generation import (
 from transformers.generation.utils import GenerateDecoderOnlyOutput
 
 from .graph_decode_omnimamba import OmniMambaGraphDecoder
+from .graph_prefill_omnimamba import OmniMambaGraphPrefill, OmniMambaGraphVision
+
+# model.__dict__ entries that hold captured graphs and static buffers: dropped by reset_graph_decoders() and never
+# pickled / deep-copied with the model.
+_GRAPH_CACHES = ("_omnimamba_graph_decoders", "_omnimamba_graph_prefill", "_omnimamba_fused_in_proj")
 
 DECODERS = ("auto", "eager", "static", "cuda_graph")
 # generate() arguments the lean static/graph text loop implements; anything else goes through GenerationMixin.
@@ -124,8 +130,47 @@ class OmniMambaGenerationMixin(GenerationMixin):
         return decoders[key]
 
     def reset_graph_decoders(self) -> None:
-        """Drop captured decoders (needed after replacing parameter tensors, e.g. `load_state_dict(assign=True)`)."""
-        self.__dict__.pop("_omnimamba_graph_decoders", None)
+        """Drop captured decoders and prefill graphs (needed after replacing parameter tensors, e.g.
+        `load_state_dict(assign=True)`)."""
+        for key in _GRAPH_CACHES[:2]:
+            self.__dict__.pop(key, None)
+
+    def graph_prefill(self, task: str, batch_size: int) -> OmniMambaGraphPrefill:
+        """The cached CUDA-graph prefill for (task, batch size, dtype, device); graphs are captured on first use."""
+        key = (task, batch_size, self.dtype, self.device)
+        cache = self.__dict__.setdefault("_omnimamba_graph_prefill", {})
+        if key not in cache:
+            cache[key] = OmniMambaGraphPrefill(self, task, batch_size)
+        return cache[key]
+
+    def _graph_image_features(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        key = ("vision", pixel_values.shape[0], self.dtype, self.device)
+        cache = self.__dict__.setdefault("_omnimamba_graph_prefill", {})
+        if key not in cache:
+            cache[key] = OmniMambaGraphVision(self, pixel_values.shape[0])
+        return cache[key](pixel_values)
+
+    def _omnimamba_prefill(self, input_ids, task, decoder, pixel_values=None, image_flags=None, attention_mask=None,
+                 position_ids=None):  # fmt: skip
+        """The prompt pass: `(last-position logits, DynamicCache with the final states)`. On "cuda_graph" the
+        embeddings run eagerly (with the input checks) and the vision towers + Mamba stack replay CUDA graphs."""
+        if decoder != "cuda_graph":
+            cache = DynamicCache(config=self.config.get_text_config(decoder=True))
+            out = self(
+                input_ids=input_ids, pixel_values=pixel_values, image_flags=image_flags, attention_mask=attention_mask,
+                position_ids=position_ids, cache_params=cache, use_cache=True, logits_to_keep=1, task=task,
+            )  # fmt: skip
+            return out.logits[:, -1], cache
+        features = None
+        if pixel_values is not None and pixel_values.shape[0]:
+            features = self._graph_image_features(pixel_values)
+        embeds, _ = self.model.build_inputs_embeds(
+            input_ids, pixel_values, image_flags, position_ids, task, image_features=features
+        )
+        if attention_mask is not None and bool(attention_mask.all()):
+            attention_mask = None
+        prefill = self.graph_prefill(task, input_ids.shape[0])
+        return prefill(embeds, attention_mask), prefill.cache
 
     def _logits_processors(self, generation_config, logits_processor=None) -> LogitsProcessorList:
         processors = LogitsProcessorList(logits_processor or [])
@@ -163,12 +208,9 @@ class OmniMambaGenerationMixin(GenerationMixin):
         if attention_mask is None:
             attention_mask = torch.ones_like(input_ids)
         position_ids = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
-        cache = DynamicCache(config=self.config.get_text_config(decoder=True))
-        out = self(
-            input_ids=input_ids, pixel_values=pixel_values, image_flags=image_flags, attention_mask=attention_mask,
-            position_ids=position_ids, cache_params=cache, use_cache=True, logits_to_keep=1,
-        )  # fmt: skip
-        logits = out.logits[:, -1]
+        logits, cache = self._omnimamba_prefill(
+            input_ids, "mmu", decoder, pixel_values, image_flags, attention_mask=attention_mask, position_ids=position_ids
+        )
         static = self.graph_decoder("mmu", batch, decoder) if max_new > 1 else None
         if static is not None:
             static.load_state(cache)
@@ -338,6 +380,10 @@ class OmniMambaGenerationMixin(GenerationMixin):
 
         def step(ids, position):
             if ids is None:
+                if decoder == "cuda_graph":
+                    logits, graph_cache = self._omnimamba_prefill(prompt, "t2i", decoder)
+                    static.load_state(graph_cache)
+                    return logits
                 out = self(input_ids=prompt, task="t2i", cache_params=cache, use_cache=True, logits_to_keep=1)
                 if static is not None:
                     static.load_state(cache)

@@ -18,7 +18,12 @@ from types import SimpleNamespace
 import torch
 import torch.nn.functional as F
 
+from .triton_decode_omnimamba import LAUNCH, conv_ssm_step, fused_decode_available, gated_norm_gemv, rmsnorm_gemv
 from .mixer_omnimamba import TASKS, mamba_kernels
+
+# Largest batch for which "auto" picks the fused Triton step: its GEMVs re-read the weights per row, which only wins
+# while a step is dominated by launch count rather than weight traffic (measured: docs/BENCHMARKS.md).
+FUSED_MAX_BATCH = 2
 
 
 @torch.no_grad()
@@ -90,23 +95,41 @@ class OmniMambaGraphDecoder:
             mixer.head_dim, mixer.ssm_state_size, mixer.n_groups, mixer.norm.group_size, tuple(mixer.time_step_limit),
             self.dtype,
         )  # fmt: skip
-        # backend "kernels": mamba-ssm's fused Triton kernels (add+RMSNorm, conv update, state update, gated norm),
+        # backend "fused": this package's Triton kernels, 3 launches per layer (triton_decode_omnimamba.py);
+        # "kernels": mamba-ssm's fused Triton kernels (add+RMSNorm, conv update, state update, gated norm) + cuBLAS,
         # ~7 launches per layer; "inductor": the PyTorch step compiled once per layer shape by torch.compile.
         kernels = mamba_kernels_for_decode() if device.type == "cuda" else None
+        fused_ok = fused_decode_available(device.type) and _fused_supports(mixer)
         if backend == "auto":
-            backend = "kernels" if kernels is not None and use_graph else "inductor"
+            if fused_ok and use_graph and batch_size <= FUSED_MAX_BATCH:
+                backend = "fused"
+            else:
+                backend = "kernels" if kernels is not None and use_graph else "inductor"
         if backend == "kernels" and kernels is None:
             raise ValueError("backend='kernels' needs mamba-ssm and causal-conv1d on a CUDA device.")
+        if backend == "fused" and not fused_ok:
+            raise ValueError(
+                "backend='fused' needs Triton on a CUDA device (or TRITON_INTERPRET=1 on CPU) and a mixer with "
+                "power-of-two head_dim / state size / adapter rank / conv width and one gated-norm group."
+            )
         self.backend = backend
         self._kernels = kernels
         self._fused_in_proj = None
-        if backend == "kernels":
-            self._A = [-torch.exp(layer.mixer.A_log.float()) for layer in lm.layers]
+        if backend in ("kernels", "fused"):
+            self._A = [-torch.exp(layer.mixer.A_log.detach().float()) for layer in lm.layers]
             self._fused_in_proj = fused_in_proj(model)
+        if backend == "fused":
+            hidden = text.hidden_size
+            self._residual = torch.zeros(batch_size, hidden, device=device, dtype=torch.float32)
+            self._proj = torch.zeros(batch_size, self._fused_in_proj[0].shape[0], device=device, dtype=self.dtype)
+            self._gated = torch.zeros(batch_size, mixer.intermediate_size, device=device, dtype=torch.float32)
+            self._bc_new = torch.zeros(
+                batch_size, 2 * mixer.n_groups * mixer.ssm_state_size, device=device, dtype=self.dtype
+            )
         # One layer is compiled once and reused by all layers (same shapes): a few seconds of compilation, not minutes.
         compiled = compile and backend == "inductor"
         self._layer = torch.compile(_layer_step, fullgraph=True, dynamic=False) if compiled else _layer_step
-        self._fn = self._step_kernels if backend == "kernels" else self._step
+        self._fn = {"kernels": self._step_kernels, "fused": self._step_fused}.get(backend, self._step)
         self._graph = None
         self._use_graph = use_graph and device.type == "cuda"
 
@@ -190,6 +213,35 @@ class OmniMambaGraphDecoder:
         head = self.model.lm_head if self.task == "mmu" else self.model.image_head
         self.logits.copy_(head(hidden))
 
+    def _step_fused(self):
+        """The same step in 3 Triton launches per layer (+ embedding and head); see triton_decode_omnimamba.py."""
+        lm = self.model.model.language_model
+        mixer0 = lm.layers[0].mixer
+        width, rank = mixer0.in_proj.weight.shape[0], mixer0.in_proj.task_adapters[self.task].down.weight.shape[0]
+        adapter_offset = width + rank * TASKS.index(self.task)
+        self._residual.copy_(self._embed())
+        for i, layer in enumerate(lm.layers):
+            mixer = layer.mixer
+            rmsnorm_gemv(
+                self._residual, layer.norm.weight, self._fused_in_proj[i], self._proj, layer.norm.variance_epsilon,
+                **LAUNCH["in_proj"],
+            )  # fmt: skip
+            conv_ssm_step(
+                self._proj, mixer.in_proj.task_adapters[self.task].up.weight, mixer.in_proj.scaling, adapter_offset,
+                self.conv[i], mixer.conv1d.weight, mixer.conv1d.bias, mixer.dt_bias, self._A[i], mixer.D,
+                self.ssm[i], self._gated, self._bc_new, d_inner=mixer.intermediate_size, heads=mixer.num_heads,
+                groups=mixer.n_groups, head_dim=mixer.head_dim, d_state=mixer.ssm_state_size,
+                time_step_limit=tuple(mixer.time_step_limit), block_p=LAUNCH["ssm_block_p"],
+            )  # fmt: skip
+            gated_norm_gemv(
+                self._gated, mixer.norm.weight, mixer.out_proj.weight, self._residual, self.conv[i], self._bc_new,
+                mixer.norm.variance_epsilon, d_inner=mixer.intermediate_size, out_dtype=self.dtype, **LAUNCH["out_proj"],
+            )  # fmt: skip
+        head = self.model.lm_head if self.task == "mmu" else self.model.image_head
+        rmsnorm_gemv(
+            self._residual, lm.norm_f.weight, head.weight, self.logits, lm.norm_f.variance_epsilon, **LAUNCH["head"]
+        )
+
     @torch.no_grad()
     def step(self, ids: torch.Tensor, positions: torch.Tensor | int) -> torch.Tensor:
         """Feed `ids` [B] at `positions` ([B] or an int); return the next-token logits (a view of a static buffer:
@@ -255,6 +307,17 @@ def _layer_step(
     gated = gated * torch.rsqrt(gated.pow(2).mean(-1, keepdim=True) + eps)
     y = (gated.flatten(-2) * gnorm_w.float()).to(dtype)
     return residual + F.linear(y, out_w)
+
+
+def _fused_supports(mixer) -> bool:
+    """The fused Triton step's shape assumptions (true for every released OmniMamba configuration)."""
+    pow2 = lambda v: v > 0 and v & (v - 1) == 0  # noqa: E731
+    rank = next(iter(mixer.in_proj.task_adapters.values())).down.weight.shape[0]
+    return (
+        all(pow2(v) for v in (mixer.head_dim, mixer.ssm_state_size, rank, mixer.conv_kernel_size))
+        and mixer.norm.group_size == mixer.intermediate_size
+        and mixer.num_heads % mixer.n_groups == 0
+    )
 
 
 def _rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:

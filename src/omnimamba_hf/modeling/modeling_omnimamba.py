@@ -36,7 +36,7 @@ from transformers.utils import ModelOutput, can_return_tuple
 from transformers.utils.import_utils import is_torchdynamo_compiling
 
 from .configuration_omnimamba import OmniMambaConfig
-from .generation_omnimamba import OmniMambaGenerationMixin, omnimamba_generation_config
+from .generation_omnimamba import _GRAPH_CACHES, OmniMambaGenerationMixin, omnimamba_generation_config
 from .mixer_omnimamba import TASKS, OmniMambaMixer, OmniMambaRMSNorm, TaskRoute
 from .vision_omnimamba import OmniMambaVisionModel
 from .vq_omnimamba import OmniMambaVQVAE
@@ -197,6 +197,14 @@ class OmniMambaPreTrainedModel(PreTrainedModel):
     _supports_flash_attn = True
     # Trainer: the loss is a per-task token mean (original semantics), not a sum to be divided by num_items_in_batch.
     accepts_loss_kwargs = False
+
+    def __getstate__(self):
+        """Captured CUDA graphs and static decode buffers (generation_omnimamba._GRAPH_CACHES) are not model state:
+        deepcopy / pickle leave them behind (the copy rebuilds its own on first use)."""
+        state = dict(super().__getstate__())
+        for key in _GRAPH_CACHES:
+            state.pop(key, None)
+        return state
 
     def save_pretrained(self, save_directory, *args, **kwargs):
         """Also writes this package's modeling files and an `auto_map`, so that the directory (or a Hub repo made from
@@ -366,7 +374,7 @@ class OmniMambaModel(OmniMambaPreTrainedModel):
         t2i = tables["t2i"][position_ids.clamp(max=tables["t2i"].shape[0] - 1)]
         return embeds + torch.where(is_t2i, t2i, mmu).to(embeds.dtype)
 
-    def _scatter_image_features(self, input_ids, inputs_embeds, pixel_values, image_flags):
+    def _scatter_image_features(self, input_ids, inputs_embeds, pixel_values, image_flags, image_features=None):
         """Put the projected features of each image into its `num_image_tokens` placeholder slots. A slot flagged
         empty (`image_flags` False) gets zeros: the original's layout for text-only samples (spec §4.3, §8 #8)."""
         n_tok = self.config.num_image_tokens
@@ -398,10 +406,31 @@ class OmniMambaModel(OmniMambaPreTrainedModel):
             return inputs_embeds, None
         features = inputs_embeds.new_zeros(n_images, n_tok, inputs_embeds.shape[-1])
         if n_real:
-            image_features = self.get_image_features(pixel_values).to(inputs_embeds.dtype)
-            features = features.index_put((flags,), image_features)
+            if image_features is None:
+                image_features = self.get_image_features(pixel_values)
+            features = features.index_put((flags,), image_features.to(inputs_embeds.dtype))
         mask = slots[..., None].expand_as(inputs_embeds)
         return inputs_embeds.masked_scatter(mask, features), features
+
+    def build_inputs_embeds(
+        self, input_ids, pixel_values=None, image_flags=None, position_ids=None, task: TaskRoute = "mmu",
+        inputs_embeds=None, image_features=None,
+    ):  # fmt: skip
+        """What the Mamba stack consumes: token / caption / image-code embeddings, the projected vision features in
+        the image slots (`image_features` if already computed, e.g. by a CUDA graph), plus the task's position table
+        (`position_ids` default `0 … seq-1`). Returns `(inputs_embeds, image_hidden_states)`."""
+        image_hidden_states = None
+        if inputs_embeds is None:
+            inputs_embeds = self.embed_tokens(input_ids, task)
+            inputs_embeds, image_hidden_states = self._scatter_image_features(
+                input_ids, inputs_embeds, pixel_values, image_flags, image_features
+            )
+        elif pixel_values is not None:
+            raise ValueError("pixel_values need input_ids (their placeholders say where the image goes).")
+        if position_ids is None:
+            batch, seq_len = inputs_embeds.shape[:2]
+            position_ids = torch.arange(seq_len, device=inputs_embeds.device).expand(batch, -1)
+        return self.add_position_embeddings(inputs_embeds, position_ids, task), image_hidden_states
 
     @can_return_tuple
     def forward(
@@ -443,23 +472,14 @@ class OmniMambaModel(OmniMambaPreTrainedModel):
         if not use_cache:
             cache_params = None
 
-        image_hidden_states = None
-        if inputs_embeds is None:
-            inputs_embeds = self.embed_tokens(input_ids, route)
-            inputs_embeds, image_hidden_states = self._scatter_image_features(
-                input_ids, inputs_embeds, pixel_values, image_flags
+        if position_ids is None and cache_params is not None and cache_params.has_previous_state():
+            raise ValueError(
+                "position_ids are required when continuing from cache_params (the learned position tables need the "
+                "absolute position of each new token)."
             )
-        elif pixel_values is not None:
-            raise ValueError("pixel_values need input_ids (their placeholders say where the image goes).")
-
-        if position_ids is None:
-            if cache_params is not None and cache_params.has_previous_state():
-                raise ValueError(
-                    "position_ids are required when continuing from cache_params (the learned position tables need "
-                    "the absolute position of each new token)."
-                )
-            position_ids = torch.arange(seq_len, device=device).expand(batch, -1)
-        inputs_embeds = self.add_position_embeddings(inputs_embeds, position_ids, route)
+        inputs_embeds, image_hidden_states = self.build_inputs_embeds(
+            input_ids, pixel_values, image_flags, position_ids, route, inputs_embeds=inputs_embeds
+        )
         if attention_mask is not None and not is_torchdynamo_compiling():
             right_padded = bool((attention_mask[:, 1:] <= attention_mask[:, :-1]).all())
             if bool(attention_mask.all()) or (cache_params is None and right_padded):

@@ -1,0 +1,303 @@
+"""Fused Triton kernels for one decode step: three launches per block instead of seven.
+
+A batch-1 decode step is memory-bound: it must stream every block's `in_proj` (35 MB) and `out_proj` (17 MB) once.
+With separate kernels (cuBLAS GEMVs + mamba-ssm's norm / conv / state-update kernels) each block costs ~40 µs on an
+H100, of which ~14 µs are five small kernels that each take ~2.5 µs however little they do, and the cuBLAS GEMVs run
+at 1.7–2.2 TB/s (docs/BENCHMARKS.md). Here one block is:
+
+1. `rmsnorm_gemv`: prenorm RMSNorm folded into the `in_proj` GEMV (+ both adapters' `down` rows, fused_in_proj).
+   The norm is a per-row scalar, so it is applied to the accumulator after the dot product: one pass over the
+   weights, the residual's sum of squares accumulated on the way (no separate norm kernel, no second pass).
+2. `conv_ssm_step`: per (row, head): task-adapter `up` + scaling, the depthwise causal-conv step with SiLU, the SSM
+   state update (softplus dt, exp(dt·A) decay), `D` skip and the `silu(z)` gate.
+3. `gated_norm_gemv`: the gated RMSNorm folded into the `out_proj` GEMV the same way, plus the residual add.
+
+The final norm + head use kernel 1 again. Precision: float32 accumulation everywhere; the states are updated in place.
+Semantics are those of `OmniMambaMixer._step` / `graph_decode_omnimamba._layer_step` (spec §3.2–3.4); the tests
+check the fused step against them (tests/test_graph_decode.py on CPU through the Triton interpreter, tests/gpu).
+
+A subtlety (why kernel 3 finishes kernel 2's work): the conv state of the B and C channels is shared by all heads of
+a group, so no head program may overwrite it while others may still read it. Kernel 2 writes the new B/C inputs to a
+small buffer and kernel 3 (launched after all of kernel 2 is done) shifts them into the conv state.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+
+import torch
+
+try:
+    import triton
+    import triton.language as tl
+    from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
+except Exception:  # triton is optional (CPU installs): the fused backend is then unavailable
+    triton = None
+
+
+@functools.cache
+def fused_decode_available(device_type: str) -> bool:
+    """Triton imports and can run on this device (CUDA, or CPU tensors under TRITON_INTERPRET=1 for tests)."""
+    if triton is None:
+        return False
+    if device_type == "cuda":
+        return True
+    return device_type == "cpu" and os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+@functools.cache
+def use_pdl(device: torch.device) -> bool:
+    """Programmatic dependent launch (Hopper+): each kernel starts while the previous one drains and streams its first
+    weights before `griddepcontrol.wait`. OMNIMAMBA_PDL=0 turns it off."""
+    if os.environ.get("OMNIMAMBA_PDL", "1") in ("", "0") or device.type != "cuda":
+        return False
+    return torch.cuda.get_device_capability(device)[0] >= 9
+
+
+if triton is not None:
+
+    @triton.jit
+    def _rmsnorm_gemv_kernel(
+        res_ptr, norm_w_ptr, w_ptr, out_ptr, N, eps,
+        stride_res, stride_w, stride_out,
+        K: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, PDL: tl.constexpr,
+    ):  # fmt: skip
+        """out[b, n] = rstd(res[b]) · Σ_k W[n, k] · res[b, k] · norm_w[k]  (== W @ rmsnorm(res[b]))."""
+        pid = tl.program_id(0)
+        b = tl.program_id(1)
+        rows = pid * BLOCK_N + tl.arange(0, BLOCK_N)
+        row_ok = rows < N
+        cols = tl.arange(0, BLOCK_K)
+        w_ptrs = w_ptr + rows[:, None] * stride_w + cols[None, :]
+        w = tl.load(w_ptrs, mask=row_ok[:, None] & (cols < K)[None, :], other=0.0)  # weights: before the wait
+        if PDL:
+            gdc_launch_dependents()
+            gdc_wait()  # the residual is written by the previous kernel
+        acc = tl.zeros([BLOCK_N, BLOCK_K], dtype=tl.float32)
+        sumsq = tl.zeros([BLOCK_K], dtype=tl.float32)
+        for k0 in range(0, K, BLOCK_K):
+            k = k0 + cols
+            k_ok = k < K
+            r = tl.load(res_ptr + b * stride_res + k, mask=k_ok, other=0.0).to(tl.float32)
+            nw = tl.load(norm_w_ptr + k, mask=k_ok, other=0.0).to(tl.float32)
+            sumsq += r * r
+            nxt = k + BLOCK_K  # register double buffering: the next tile is in flight while this one is used
+            w_next = tl.load(w_ptrs + k0 + BLOCK_K, mask=row_ok[:, None] & (nxt < K)[None, :], other=0.0)
+            acc += w.to(tl.float32) * (r * nw)[None, :]
+            w = w_next
+        rstd = 1.0 / tl.sqrt(tl.sum(sumsq, axis=0) / K + eps)
+        out = tl.sum(acc, axis=1) * rstd
+        tl.store(out_ptr + b * stride_out + rows, out.to(out_ptr.dtype.element_ty), mask=row_ok)
+
+    @triton.jit
+    def _up_rows(up_ptr, rows, R: tl.constexpr):
+        """Rows of the task adapter's `up` weight [rows, R] (float32)."""
+        return tl.load(up_ptr + rows[:, None] * R + tl.arange(0, R)[None, :]).to(tl.float32)
+
+    @triton.jit
+    def _adapted(proj_ptr, rows, up, a, scaling):
+        """One slice of `in_proj(x) + scaling · up(down(x))` (the GEMV part already in `proj`), rounded to the model
+        dtype as the unfused path rounds it."""
+        base = tl.load(proj_ptr + rows).to(tl.float32)
+        return (base + scaling * tl.sum(up * a[None, :], axis=1)).to(proj_ptr.dtype.element_ty)
+
+    @triton.jit
+    def _conv_window(conv_ptr, ch, KW: tl.constexpr):
+        """old[c, j] = conv_state[c, j + 1] for j < KW - 1 (the last column is replaced by the new input)."""
+        j = tl.arange(0, KW)
+        return tl.load(conv_ptr + ch[:, None] * KW + tl.minimum(j + 1, KW - 1)[None, :])
+
+    @triton.jit
+    def _conv_step(old, new, w, bias, KW: tl.constexpr):
+        """Depthwise causal conv over [last KW-1 inputs ‖ new] + bias, then SiLU, rounded to the model dtype; returns
+        (output, the new conv-state tile)."""
+        j = tl.arange(0, KW)
+        shifted = tl.where(j[None, :] == KW - 1, new[:, None], old)
+        out = tl.sum(shifted.to(tl.float32) * w, axis=1) + bias
+        out = out / (1.0 + tl.exp(-out))
+        return out.to(new.dtype).to(tl.float32), shifted
+
+    @triton.jit
+    def _conv_ssm_step_kernel(
+        proj_ptr, up_ptr, conv_ptr, conv_w_ptr, conv_b_ptr, dt_bias_ptr, A_ptr, D_ptr, ssm_ptr,
+        gated_ptr, bc_new_ptr,
+        scaling, adapter_offset, dt_lo, dt_hi,
+        stride_proj, stride_conv, stride_ssm, stride_gated, stride_bc,
+        D_INNER: tl.constexpr, HEADS: tl.constexpr, GROUPS: tl.constexpr, P: tl.constexpr, BLOCK_P: tl.constexpr,
+        N: tl.constexpr, R: tl.constexpr, KW: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_LIMIT: tl.constexpr,
+        PDL: tl.constexpr,
+    ):  # fmt: skip
+        h = tl.program_id(0)
+        pb = tl.program_id(1)
+        b = tl.program_id(2)
+        g = h // (HEADS // GROUPS)
+        proj = proj_ptr + b * stride_proj
+        conv = conv_ptr + b * stride_conv
+        p = pb * BLOCK_P + tl.arange(0, BLOCK_P)
+        n = tl.arange(0, N)
+        j = tl.arange(0, KW)
+        # in_proj layout: [z (D_INNER) ‖ x (D_INNER) ‖ B (GROUPS·N) ‖ C (GROUPS·N) ‖ dt (HEADS)]; conv channels = x ‖ B ‖ C
+        z_rows, x_rows = h * P + p, D_INNER + h * P + p
+        b_rows, c_rows = 2 * D_INNER + g * N + n, 2 * D_INNER + GROUPS * N + g * N + n
+        dt_rows = 2 * D_INNER + 2 * GROUPS * N + h + tl.arange(0, 1)
+        x_ch, b_ch, c_ch = h * P + p, D_INNER + g * N + n, D_INNER + GROUPS * N + g * N + n
+
+        # Phase 1, before the wait: everything the previous kernel does not write — weights, and the recurrent states
+        # (last written by this layer in the previous step, which finished before this step's first kernel).
+        up_z, up_x = _up_rows(up_ptr, z_rows, R), _up_rows(up_ptr, x_rows, R)
+        up_b, up_c, up_dt = _up_rows(up_ptr, b_rows, R), _up_rows(up_ptr, c_rows, R), _up_rows(up_ptr, dt_rows, R)
+        w_x = tl.load(conv_w_ptr + x_ch[:, None] * KW + j[None, :]).to(tl.float32)
+        w_b = tl.load(conv_w_ptr + b_ch[:, None] * KW + j[None, :]).to(tl.float32)
+        w_c = tl.load(conv_w_ptr + c_ch[:, None] * KW + j[None, :]).to(tl.float32)
+        if HAS_BIAS:
+            bias_x = tl.load(conv_b_ptr + x_ch).to(tl.float32)
+            bias_b = tl.load(conv_b_ptr + b_ch).to(tl.float32)
+            bias_c = tl.load(conv_b_ptr + c_ch).to(tl.float32)
+        else:
+            bias_x = tl.zeros([BLOCK_P], dtype=tl.float32)
+            bias_b = tl.zeros([N], dtype=tl.float32)
+            bias_c = tl.zeros([N], dtype=tl.float32)
+        old_x, old_b, old_c = _conv_window(conv, x_ch, KW), _conv_window(conv, b_ch, KW), _conv_window(conv, c_ch, KW)
+        dt_bias = tl.load(dt_bias_ptr + h).to(tl.float32)
+        A = tl.load(A_ptr + h).to(tl.float32)
+        D = tl.load(D_ptr + h).to(tl.float32)
+        state_ptrs = ssm_ptr + b * stride_ssm + (h * P + p)[:, None] * N + n[None, :]
+        state = tl.load(state_ptrs)
+        if PDL:
+            gdc_launch_dependents()
+            gdc_wait()  # `proj` is written by the in_proj kernel
+
+        # Phase 2: adapter `up` on this program's slices of the projection, conv step, SSM step, gate.
+        a = tl.load(proj + adapter_offset + tl.arange(0, R)).to(tl.float32)  # this task's down(x)
+        z = _adapted(proj, z_rows, up_z, a, scaling).to(tl.float32)
+        x_in = _adapted(proj, x_rows, up_x, a, scaling)
+        b_in = _adapted(proj, b_rows, up_b, a, scaling)
+        c_in = _adapted(proj, c_rows, up_c, a, scaling)
+        dt = tl.sum(_adapted(proj, dt_rows, up_dt, a, scaling).to(tl.float32), axis=0)
+        x, x_window = _conv_step(old_x, x_in, w_x, bias_x, KW)
+        Bv, _ = _conv_step(old_b, b_in, w_b, bias_b, KW)
+        Cv, _ = _conv_step(old_c, c_in, w_c, bias_c, KW)
+        tl.store(conv + x_ch[:, None] * KW + j[None, :], x_window)  # this head's own channels: no sharing
+        if (h % (HEADS // GROUPS) == 0) & (pb == 0):  # the group's B/C inputs: shifted in by the out_proj kernel
+            tl.store(bc_new_ptr + b * stride_bc + g * N + n, b_in)
+            tl.store(bc_new_ptr + b * stride_bc + GROUPS * N + g * N + n, c_in)
+
+        # SSM recurrence (selective_state_update with dt_softplus): h ← h·exp(Δ·A) + Δ·x·Bᵀ;  y = h·C + D·x
+        delta = dt + dt_bias
+        delta = tl.where(delta <= 20.0, tl.log(1.0 + tl.exp(delta)), delta)
+        if HAS_LIMIT:
+            delta = tl.minimum(tl.maximum(delta, dt_lo), dt_hi)
+        state = state * tl.exp(delta * A) + (delta * x)[:, None] * Bv[None, :]
+        tl.store(state_ptrs, state)
+        y = tl.sum(state * Cv[None, :], axis=1) + D * x
+        y = y.to(proj_ptr.dtype.element_ty).to(tl.float32)  # the state update's output is in the model dtype
+        gated = y * (z / (1.0 + tl.exp(-z)))  # gate before the norm (norm_before_gate=False, §3.4 step 6)
+        tl.store(gated_ptr + b * stride_gated + h * P + p, gated)
+
+    @triton.jit
+    def _gated_norm_gemv_kernel(
+        gated_ptr, norm_w_ptr, w_ptr, res_ptr, conv_ptr, bc_new_ptr, N, eps,
+        stride_gated, stride_w, stride_res, stride_conv, stride_bc,
+        K: tl.constexpr, BC: tl.constexpr, D_INNER: tl.constexpr, KW: tl.constexpr, OUT_DTYPE: tl.constexpr,
+        BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, PDL: tl.constexpr,
+    ):  # fmt: skip
+        """res[b, n] += round(rstd(g[b]) · Σ_k W[n, k] · g[b, k] · norm_w[k]); program 0 of each row also shifts the
+        B/C inputs of this step into the conv state."""
+        pid = tl.program_id(0)
+        b = tl.program_id(1)
+        rows = pid * BLOCK_N + tl.arange(0, BLOCK_N)
+        row_ok = rows < N
+        cols = tl.arange(0, BLOCK_K)
+        w_ptrs = w_ptr + rows[:, None] * stride_w + cols[None, :]
+        w = tl.load(w_ptrs, mask=row_ok[:, None] & (cols < K)[None, :], other=0.0)  # weights: before the wait
+        if PDL:
+            gdc_launch_dependents()
+            gdc_wait()  # the gated activations are written by the previous kernel
+        acc = tl.zeros([BLOCK_N, BLOCK_K], dtype=tl.float32)
+        sumsq = tl.zeros([BLOCK_K], dtype=tl.float32)
+        for k0 in range(0, K, BLOCK_K):
+            k = k0 + cols
+            k_ok = k < K
+            gk = tl.load(gated_ptr + b * stride_gated + k, mask=k_ok, other=0.0)
+            nw = tl.load(norm_w_ptr + k, mask=k_ok, other=0.0).to(tl.float32)
+            sumsq += gk * gk
+            nxt = k + BLOCK_K
+            w_next = tl.load(w_ptrs + k0 + BLOCK_K, mask=row_ok[:, None] & (nxt < K)[None, :], other=0.0)
+            acc += w.to(tl.float32) * (gk * nw)[None, :]
+            w = w_next
+        rstd = 1.0 / tl.sqrt(tl.sum(sumsq, axis=0) / K + eps)
+        out = (tl.sum(acc, axis=1) * rstd).to(OUT_DTYPE).to(tl.float32)  # out_proj's output is in the model dtype
+        res = tl.load(res_ptr + b * stride_res + rows, mask=row_ok, other=0.0)
+        tl.store(res_ptr + b * stride_res + rows, res + out, mask=row_ok)
+        if pid == 0:
+            c = tl.arange(0, BC)
+            j = tl.arange(0, KW)
+            src = tl.minimum(j + 1, KW - 1)
+            conv = conv_ptr + b * stride_conv + (D_INNER + c)[:, None] * KW
+            old = tl.load(conv + src[None, :])
+            new = tl.load(bc_new_ptr + b * stride_bc + c)
+            tl.store(conv + j[None, :], tl.where(j[None, :] == KW - 1, new[:, None], old))
+
+
+_TL_DTYPES = {torch.float32: "float32", torch.bfloat16: "bfloat16", torch.float16: "float16"}
+
+# Launch configurations, tuned on an H100 for the 1.3B shapes (benchmarks/profile_decode_step.py --sweep).
+LAUNCH = {
+    "in_proj": dict(block_n=4, block_k=128, num_warps=2),  # in_proj (+ adapter down): 8528 x 2048
+    "head": dict(block_n=8, block_k=256, num_warps=2),  # the heads: 16384 or 50288 x 2048
+    "out_proj": dict(block_n=8, block_k=1024, num_warps=8),  # out_proj: 2048 x 4096
+    "ssm_block_p": 16,  # head_dim rows per program of the conv + SSM kernel
+}
+
+
+def rmsnorm_gemv(residual, norm_weight, weight, out, eps, block_n=16, block_k=256, num_warps=4) -> torch.Tensor:
+    """out[b] = weight @ rmsnorm(residual[b]) · norm_weight (float32 accumulation, written in out's dtype)."""
+    batch, k = residual.shape
+    n = weight.shape[0]
+    grid = (triton.cdiv(n, block_n), batch)
+    _rmsnorm_gemv_kernel[grid](
+        residual, norm_weight, weight, out, n, eps, residual.stride(0), weight.stride(0), out.stride(0),
+        K=k, BLOCK_N=block_n, BLOCK_K=block_k, **_pdl(out.device), num_warps=num_warps,
+    )  # fmt: skip
+    return out
+
+
+def conv_ssm_step(proj, up_weight, scaling, adapter_offset, conv_state, conv_weight, conv_bias, dt_bias, A, D,
+                  ssm_state, gated, bc_new, *, d_inner, heads, groups, head_dim, d_state, time_step_limit,
+                  block_p=32):  # fmt: skip
+    """The per-head middle of a block (adapter `up`, conv step, SSM step, gate); see the module docstring."""
+    batch = proj.shape[0]
+    block_p = min(block_p, head_dim)
+    lo, hi = time_step_limit
+    grid = (heads, triton.cdiv(head_dim, block_p), batch)
+    _conv_ssm_step_kernel[grid](
+        proj, up_weight, conv_state, conv_weight, conv_bias if conv_bias is not None else conv_weight, dt_bias, A, D,
+        ssm_state, gated, bc_new, float(scaling), int(adapter_offset), float(lo), float(hi),
+        proj.stride(0), conv_state.stride(0), ssm_state.stride(0), gated.stride(0), bc_new.stride(0),
+        D_INNER=d_inner, HEADS=heads, GROUPS=groups, P=head_dim, BLOCK_P=block_p, N=d_state,
+        R=up_weight.shape[1], KW=conv_state.shape[-1], HAS_BIAS=conv_bias is not None,
+        HAS_LIMIT=(lo, hi) != (0.0, float("inf")), **_pdl(proj.device), num_warps=4,
+    )  # fmt: skip
+
+
+def gated_norm_gemv(gated, norm_weight, weight, residual, conv_state, bc_new, eps, *, d_inner, out_dtype,
+                    block_n=8, block_k=512, num_warps=4):  # fmt: skip
+    """residual[b] += weight @ gated_rmsnorm(gated[b]) (rounded to out_dtype first); finishes the conv-state shift."""
+    batch, k = gated.shape
+    n = weight.shape[0]
+    grid = (triton.cdiv(n, block_n), batch)
+    _gated_norm_gemv_kernel[grid](
+        gated, norm_weight, weight, residual, conv_state, bc_new, n, eps,
+        gated.stride(0), weight.stride(0), residual.stride(0), conv_state.stride(0), bc_new.stride(0),
+        K=k, BC=bc_new.shape[1], D_INNER=d_inner, KW=conv_state.shape[-1], OUT_DTYPE=getattr(tl, _TL_DTYPES[out_dtype]),
+        BLOCK_N=block_n, BLOCK_K=block_k, **_pdl(gated.device), num_warps=num_warps,
+    )  # fmt: skip
+
+
+def _pdl(device) -> dict:
+    """Kernel arguments for programmatic dependent launch: the PDL constexpr, and launch_pdl where it is on."""
+    return dict(PDL=True, launch_pdl=True) if use_pdl(device) else dict(PDL=False)
+
+
+__all__ = ["LAUNCH", "conv_ssm_step", "fused_decode_available", "gated_norm_gemv", "rmsnorm_gemv", "use_pdl"]

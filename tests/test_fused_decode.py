@@ -1,0 +1,75 @@
+"""The fused Triton decode step (modeling/triton_decode_omnimamba.py, the "fused" graph-decoder backend) equals the
+PyTorch decode step: logits and both recurrent states, both tasks, batch 1 and 2, over several steps from states that
+an eager prefill produced. On CPU the kernels run in Triton's interpreter (TRITON_INTERPRET=1, set before triton is
+imported, hence the subprocess); on the GPU tests/gpu runs them compiled, in bf16 too. float32 only here: the
+interpreter rounds to bfloat16 by truncation, not round-to-nearest as the GPU does."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+pytest.importorskip("triton")
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_fused_step_equals_torch_step_in_triton_interpreter():
+    path = os.pathsep.join([str(ROOT / "src"), str(ROOT / "tests"), os.environ.get("PYTHONPATH", "")])
+    env = {**os.environ, "TRITON_INTERPRET": "1", "PYTHONPATH": path}
+    run = subprocess.run([sys.executable, __file__], env=env, capture_output=True, text=True, timeout=900)
+    assert run.returncode == 0, run.stderr[-4000:]
+    results = json.loads(run.stdout.strip().splitlines()[-1])
+    assert len(results) == 2 * 2 * 4  # tasks x batch sizes x steps
+    for r in results:
+        assert r["logits"] < 1e-5 and r["conv"] < 1e-5 and r["ssm"] < 1e-5, r
+        assert r["moved"] > 1e-3, r  # the states really changed, so the comparison is not vacuous
+
+
+def main():
+    import torch
+    from transformers import DynamicCache
+
+    from common import randomize_routing_, tiny_config
+    from omnimamba_hf import OmniMambaForConditionalGeneration
+    from omnimamba_hf.modeling.graph_decode_omnimamba import OmniMambaGraphDecoder
+
+    def rel(a, b):
+        return ((a.double() - b.double()).norm() / b.double().norm()).item()
+
+    torch.manual_seed(0)
+    config = tiny_config()
+    model = randomize_routing_(OmniMambaForConditionalGeneration(config).eval(), seed=1, scale=0.3)
+    V, results = config.text_vocab_size, []
+    for task in ("t2i", "mmu"):
+        for batch in (1, 2):
+            g = torch.Generator().manual_seed(batch)
+            prompt = torch.randint(0, 200, (batch, 6), generator=g)
+            cache = DynamicCache(config=config.get_text_config(decoder=True))
+            with torch.no_grad():
+                model(input_ids=prompt, task=task, cache_params=cache, use_cache=True)
+            ref = OmniMambaGraphDecoder(model, task, batch, compile=False, use_graph=False, backend="inductor")
+            fused = OmniMambaGraphDecoder(model, task, batch, compile=False, use_graph=False, backend="fused")
+            assert fused.backend == "fused"
+            ref.load_state(cache)
+            fused.load_state(cache)
+            start = ref.ssm.clone()
+            for step in range(4):
+                ids = torch.randint(0, 50, (batch,), generator=g) + (V if task == "t2i" else 100)
+                a, b = ref.step(ids, 6 + step).clone(), fused.step(ids, 6 + step).clone()
+                results.append(dict(
+                    task=task, batch=batch, step=step, logits=rel(b, a), conv=rel(fused.conv, ref.conv),
+                    ssm=rel(fused.ssm, ref.ssm), moved=rel(ref.ssm, start) if step else 1.0,
+                ))  # fmt: skip
+    import copy
+
+    copied = copy.deepcopy(model)  # the model still deep-copies with fused decoders built (graph caches left behind)
+    assert "_omnimamba_fused_in_proj" not in copied.__dict__
+    print(json.dumps(results))
+
+
+if __name__ == "__main__":
+    main()
