@@ -18,6 +18,7 @@ contexts 256, 2k, 8k and 16k (prefill to that length, then time decode steps) an
 """
 
 import argparse
+import gc
 import json
 import platform
 import sys
@@ -196,7 +197,9 @@ def bench_omnimamba(model, bandwidth, tiny: bool):
     # peak memory vs generated length: the recurrent state does not grow (other batch sizes' decoders dropped first)
     if torch.cuda.is_available():
         mem = {}
+        dec = None
         model.reset_graph_decoders()
+        gc.collect()  # dropped decoders / graphs reference the model (cycles): free their pools now
         torch.cuda.empty_cache()
         dec = model.graph_decoder("t2i", 1)
         ids1 = torch.full((1,), V + 1, device=device)
@@ -268,6 +271,7 @@ def bench_llama(device, dtype, tiny, lengths):
     for mode in ("eager", "static_compiled"):
         per = {}
         for L in lengths:
+            gc.collect()
             if torch.cuda.is_available():
                 torch.cuda.empty_cache()
                 torch.cuda.reset_peak_memory_stats()
@@ -358,19 +362,28 @@ def main(argv=None):
     }
     print(json.dumps(env), flush=True)
     results = {"env": env}
+    def save():  # after every part: a run cut short keeps what it measured
+        if args.out:
+            with open(args.out, "w") as f:
+                json.dump(results, f, indent=1, default=str)
+
     if args.only != "baselines":
         results["omnimamba"] = bench_omnimamba(model, bandwidth, args.tiny)
+        save()
     if not args.skip_baselines and args.only != "omnimamba":
-        del model
+        model.reset_graph_decoders()
+        model = None
+        gc.collect()  # the captured graphs reference the model: only a collection frees its memory
         torch.cuda.empty_cache() if device == "cuda" else None
         results["mamba2_generic"] = bench_mamba2_generic(config, device, dtype, args.tiny)
         lengths = (256, 512) if args.tiny else (256, 2048, 8192, 16384)
         results["llama"] = bench_llama(device, dtype, args.tiny, lengths)
+        save()
     if args.original:  # the original at the same size and dtype, after the port's model is freed
         from bench_original_decode import bench_original
 
-        import gc
-
+        if model is not None:
+            model.reset_graph_decoders()
         model = None  # noqa: F841 (frees the port's weights and graphs)
         gc.collect()
         torch.cuda.empty_cache()
@@ -383,9 +396,7 @@ def main(argv=None):
             results["original"] = {"error": repr(e)}
     if "omnimamba" in results:
         summary(results)
-    if args.out:
-        with open(args.out, "w") as f:
-            json.dump(results, f, indent=1, default=str)
+    save()
 
 
 def summary(r):

@@ -57,7 +57,9 @@ def sweep(bw):
         ws = copies_for(shape)
         out = torch.empty(1, shape[0], device="cuda", dtype=torch.bfloat16)
         rows = []
-        for bn, bk, nwp in itertools.product((4, 8, 16, 32), (128, 256, 512), (2, 4, 8)):
+        configs = list(itertools.product((4, 8, 16, 32), (128, 256, 512), (2, 4, 8)))
+        configs += [(2, 2048, 4), (2, 2048, 8), (4, 2048, 4), (4, 2048, 8)]  # whole rows: all loads before the wait
+        for bn, bk, nwp in configs:
             if bn * bk > 16384:
                 continue
             us = graph_us_per_call([lambda w=w: fused.rmsnorm_gemv(res, nw, w, out, 1e-5, bn, bk, nwp) for w in ws])
@@ -74,7 +76,9 @@ def sweep(bw):
     conv = torch.zeros(1, e + 256, 4, device="cuda", dtype=torch.bfloat16)
     bc = torch.zeros(1, 256, device="cuda", dtype=torch.bfloat16)
     rows = []
-    for bn, bk, nwp in itertools.product((2, 4, 8, 16), (256, 512, 1024), (2, 4, 8)):
+    configs = list(itertools.product((2, 4, 8, 16), (256, 512, 1024), (2, 4, 8)))
+    configs += [(1, 4096, 4), (1, 4096, 8), (2, 4096, 4), (2, 4096, 8)]  # whole rows: all loads before the wait
+    for bn, bk, nwp in configs:
         if bn * bk > 16384:
             continue
         us = graph_us_per_call([

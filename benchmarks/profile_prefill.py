@@ -45,7 +45,7 @@ def main():
     prefill = model.graph_prefill("mmu", 1)
     lm = wall_ms(lambda: prefill(embeds))
     print(f"whole prefill {total:.1f} ms = vision graph {vision:.1f} + eager embeddings {embed:.1f} + Mamba stack {lm:.1f}")
-    for length in sorted({n for n in chunk_lengths(ids.shape[1])}, reverse=True):
+    for length in sorted(set(chunk_lengths(ids.shape[1])), reverse=True):
         graph = prefill._chunks[(length, False)][0]
         print(f"  chunk of {length:4d}: graph replay {wall_ms(graph.replay):.2f} ms")
     # the continuation conv (F.conv1d depthwise) vs alternatives, one layer's shapes at 512 positions

@@ -23,7 +23,7 @@ def test_fused_step_equals_torch_step_in_triton_interpreter():
     run = subprocess.run([sys.executable, __file__], env=env, capture_output=True, text=True, timeout=900)
     assert run.returncode == 0, run.stderr[-4000:]
     results = json.loads(run.stdout.strip().splitlines()[-1])
-    assert len(results) == 2 * 2 * 4  # tasks x batch sizes x steps
+    assert len(results) == 2 * 2 * 4 + 1  # tasks x batch sizes x steps, + after retraining an adapter
     for r in results:
         assert r["logits"] < 1e-5 and r["conv"] < 1e-5 and r["ssm"] < 1e-5, r
         assert r["moved"] > 1e-3, r  # the states really changed, so the comparison is not vacuous
@@ -64,6 +64,22 @@ def main():
                     task=task, batch=batch, step=step, logits=rel(b, a), conv=rel(fused.conv, ref.conv),
                     ssm=rel(fused.ssm, ref.ssm), moved=rel(ref.ssm, start) if step else 1.0,
                 ))  # fmt: skip
+    # adapters trained after the fused buffers were built (an in-place update): the fused step follows
+    with torch.no_grad():
+        for layer in model.model.language_model.layers:
+            layer.mixer.in_proj.task_adapters["t2i"].down.weight.mul_(-2.0)
+    cache = DynamicCache(config=config.get_text_config(decoder=True))
+    prompt = torch.randint(0, 200, (1, 6), generator=torch.Generator().manual_seed(7))
+    with torch.no_grad():
+        model(input_ids=prompt, task="t2i", cache_params=cache, use_cache=True)
+    ref = OmniMambaGraphDecoder(model, "t2i", 1, compile=False, use_graph=False, backend="inductor")
+    fused = OmniMambaGraphDecoder(model, "t2i", 1, compile=False, use_graph=False, backend="fused")
+    ref.load_state(cache)
+    fused.load_state(cache)
+    ids = torch.tensor([V + 3])
+    results.append(dict(task="t2i-retrained", batch=1, step=0, logits=rel(fused.step(ids, 6), ref.step(ids, 6)),
+                        conv=rel(fused.conv, ref.conv), ssm=rel(fused.ssm, ref.ssm), moved=1.0))  # fmt: skip
+
     import copy
 
     copied = copy.deepcopy(model)  # the model still deep-copies with fused decoders built (graph caches left behind)

@@ -280,11 +280,12 @@ def test_cuda_graph_decoder_needs_cuda(model, config):
 
 @pytest.mark.parametrize("task", ["t2i", "mmu"])
 def test_chunked_prefill_equals_one_shot_prefill(model, config, task):
-    """The graph prefill runs the prompt in power-of-two chunks (13 = 8 + 4 + 1), each continuing the recurrent
-    state: logits and final states equal the one-shot prefill, with left padding too (MMU)."""
+    """The graph prefill runs the prompt in chunks (powers of two down to `min_chunk`, then the remainder), each
+    continuing the recurrent state: logits and final states equal the one-shot prefill, with left padding too (MMU)."""
     from omnimamba_hf.modeling.graph_prefill_omnimamba import OmniMambaGraphPrefill, chunk_lengths
 
-    assert chunk_lengths(797) == [512, 256, 16, 8, 4, 1] and chunk_lengths(72) == [64, 8]
+    assert chunk_lengths(797) == [512, 256, 29] and chunk_lengths(72) == [64, 8] and chunk_lengths(2100) == [1024] * 2 + [52]
+    assert chunk_lengths(13, min_chunk=2) == [8, 4, 1]
     if task == "t2i":
         ids = torch.tensor([t2i_prompt(config, (8, 9, 10)), t2i_prompt(config, (11, 12))])
         mask, px, positions = None, None, None
@@ -295,7 +296,7 @@ def test_chunked_prefill_equals_one_shot_prefill(model, config, task):
         mask = torch.tensor([[0] * pad + [1] * len(a), [1] * len(b)])
         px = torch.cat([pixels(1), pixels(2)])
         positions = (mask.cumsum(-1) - 1).clamp(min=0)
-    assert len(chunk_lengths(ids.shape[1])) >= 2, chunk_lengths(ids.shape[1])  # really chunked
+    assert len(chunk_lengths(ids.shape[1], min_chunk=2)) >= 2  # really chunked (tiny prompts: tiny chunks)
     model = copy.deepcopy(model).double()  # float64: only a logic error can differ, not reassociation
     px = px.double() if px is not None else None
     with torch.no_grad():
@@ -304,6 +305,7 @@ def test_chunked_prefill_equals_one_shot_prefill(model, config, task):
                     cache_params=cache, use_cache=True, logits_to_keep=1)  # fmt: skip
         embeds, _ = model.model.build_inputs_embeds(ids, px, None, positions, task)
         prefill = OmniMambaGraphPrefill(model, task, 2, use_graph=False)
+        prefill.min_chunk = 2
         logits = prefill(embeds, mask)
         again = prefill(embeds, mask)  # states are reset between prompts
     torch.testing.assert_close(logits, out.logits[:, -1], rtol=1e-10, atol=1e-10)

@@ -34,13 +34,18 @@ from transformers.generation import (
     TopPLogitsWarper,
 )
 from transformers.generation.utils import GenerateDecoderOnlyOutput
+from transformers.utils import logging
 
 from .graph_decode_omnimamba import OmniMambaGraphDecoder
 from .graph_prefill_omnimamba import OmniMambaGraphPrefill, OmniMambaGraphVision
 
 # model.__dict__ entries that hold captured graphs and static buffers: dropped by reset_graph_decoders() and never
 # pickled / deep-copied with the model.
-_GRAPH_CACHES = ("_omnimamba_graph_decoders", "_omnimamba_graph_prefill", "_omnimamba_fused_in_proj")
+_GRAPH_CACHES = (
+    "_omnimamba_graph_decoders", "_omnimamba_graph_prefill", "_omnimamba_fused_in_proj", "_omnimamba_fused_in_proj_stamp"
+)  # fmt: skip
+
+logger = logging.get_logger(__name__)
 
 DECODERS = ("auto", "eager", "static", "cuda_graph")
 # generate() arguments the lean static/graph text loop implements; anything else goes through GenerationMixin.
@@ -144,10 +149,18 @@ class OmniMambaGenerationMixin(GenerationMixin):
         return cache[key]
 
     def _graph_image_features(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        """`get_image_features` replayed from a CUDA graph per number of images (eager if the towers cannot be
+        captured, e.g. with an attention implementation that syncs with the host; a warning says so once)."""
         key = ("vision", pixel_values.shape[0], self.dtype, self.device)
         cache = self.__dict__.setdefault("_omnimamba_graph_prefill", {})
         if key not in cache:
-            cache[key] = OmniMambaGraphVision(self, pixel_values.shape[0])
+            try:
+                cache[key] = OmniMambaGraphVision(self, pixel_values.shape[0])
+            except Exception as error:  # noqa: BLE001 (any capture failure: fall back, do not fail generation)
+                logger.warning(f"The vision towers could not be captured in a CUDA graph ({error!r}); running eagerly.")
+                cache[key] = None
+        if cache[key] is None:
+            return self.model.get_image_features(pixel_values)
         return cache[key](pixel_values)
 
     def _omnimamba_prefill(self, input_ids, task, decoder, pixel_values=None, image_flags=None, attention_mask=None,

@@ -30,8 +30,8 @@ FUSED_MAX_BATCH = 2
 def fused_in_proj(model) -> list[torch.Tensor]:
     """Per layer one buffer [W_in; down_mmu; down_t2i], so that `in_proj` and the adapters' `down` run as ONE GEMV
     (a separate tiny GEMV costs ~5 µs per layer, ~10% of a batch-1 step on an H100). `in_proj.weight` becomes a view
-    of the buffer's first rows, so the base weight is not duplicated; the `down` rows are copies, refreshed on every
-    call (adapters may have been trained since). Exact: the same products, launched together. Cached on the model;
+    of the buffer's first rows, so the base weight is not duplicated; the `down` rows are copies, refreshed whenever
+    a `down` weight has changed (adapters may have been trained since). Exact: the same products, launched together. Cached on the model;
     rebuilt when an `in_proj.weight` tensor has been replaced (e.g. by `load_state_dict(assign=True)`)."""
     layers = model.model.language_model.layers
     cached = model.__dict__.get("_omnimamba_fused_in_proj")
@@ -45,10 +45,14 @@ def fused_in_proj(model) -> list[torch.Tensor]:
             linear.weight.data = buffer[: linear.weight.shape[0]]
             cached.append(buffer)
         model.__dict__["_omnimamba_fused_in_proj"] = cached
-    for layer, buffer in zip(layers, cached):
-        linear = layer.mixer.in_proj
-        downs = torch.cat([linear.task_adapters[t].down.weight for t in TASKS])
-        buffer[linear.weight.shape[0] :].copy_(downs)
+    # the adapters' rows: copied again only if a `down` weight changed (in-place updates bump `_version`)
+    downs = [layer.mixer.in_proj.task_adapters[t].down.weight for layer in layers for t in TASKS]
+    stamp = [(w.data_ptr(), w._version) for w in downs]
+    if model.__dict__.get("_omnimamba_fused_in_proj_stamp") != (id(cached), stamp):
+        for layer, buffer in zip(layers, cached):
+            linear = layer.mixer.in_proj
+            buffer[linear.weight.shape[0] :].copy_(torch.cat([linear.task_adapters[t].down.weight for t in TASKS]))
+        model.__dict__["_omnimamba_fused_in_proj_stamp"] = (id(cached), stamp)
     return cached
 
 

@@ -4,11 +4,12 @@ An eager prefill of OmniMamba-1.3B is bound by the host, not the GPU: ~35 launch
 vision-tower layers take ~100 ms to enqueue, while the GPU needs a few ms (docs/BENCHMARKS.md). Here
 
 * the vision towers run as one graph per number of images (inputs are always `S × S` pixels);
-* the Mamba stack runs over the prompt in chunks whose lengths are powers of two, largest first (797 positions =
-  512 + 256 + 16 + 8 + 4 + 1), each chunk one graph that continues the recurrent state the previous chunk left. That
-  is exact: a chunked scan from an initial state is the same recurrence (tests/test_generation.py checks chunked ==
-  one-shot). So at most `len(CHUNKS)` graphs per (task, batch size, padded or not) serve every prompt length; each
-  is captured on first use.
+* the Mamba stack runs over the prompt in chunks, each chunk one graph that continues the recurrent state the previous
+  chunk left: powers of two from 1024 down to `min_chunk` (64), then the remainder in one chunk (797 positions =
+  512 + 256 + 29). That is exact: a chunked scan from an initial state is the same recurrence (tests check chunked ==
+  one-shot). A chunk's cost is mostly its ~800 launches (~4 ms on an H100 whatever its length), so few chunks matter
+  more than few graphs: at most 5 power-of-two graphs + one per remainder length seen (< 64) per (task, batch size,
+  padded or not), each captured on first use.
 
 The embeddings (token tables, caption MLP, image-feature scatter, position tables) and the input validation stay
 eager: a handful of launches. The recurrent states live in a transformers `DynamicCache` whose tensors never move
@@ -18,19 +19,25 @@ eager: a handful of launches. The recurrent states live in a transformers `Dynam
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 from transformers import DynamicCache
 
-CHUNKS = (1024, 512, 256, 128, 64, 32, 16, 8, 4, 2, 1)
+from .graph_decode_omnimamba import fused_in_proj, mamba_kernels_for_decode
+from .mixer_omnimamba import TASKS
+
+MIN_CHUNK = 64
 
 
-def chunk_lengths(length: int) -> list[int]:
-    """`length` as a sum of `CHUNKS`, largest first (its binary digits)."""
+def chunk_lengths(length: int, min_chunk: int = MIN_CHUNK) -> list[int]:
+    """`length` as powers of two from 1024 down to `min_chunk` (largest first), then the remainder (< min_chunk)."""
     out = []
-    for c in CHUNKS:
+    c = 1024
+    while c >= min_chunk:
         while length >= c:
             out.append(c)
             length -= c
-    return out
+        c //= 2
+    return out + ([length] if length else [])
 
 
 def _capture(fn, pool):
@@ -72,14 +79,74 @@ class OmniMambaGraphPrefill:
                 i,
             )  # fmt: skip
         self._states = [(l.conv_states[0], l.recurrent_states[0]) for l in self.cache.layers]
+        self.min_chunk = MIN_CHUNK
         self._chunks = {}  # (length, masked) -> (graph or None, embeds buffer, mask buffer, logits)
         self._pool = torch.cuda.graph_pool_handle() if self.use_graph else None
+        # Unpadded chunks on CUDA run a kernel-fused block (~14 launches instead of ~35; the chunk's cost is mostly
+        # launches): mamba-ssm's add+RMSNorm, scan and gated norm, causal-conv1d with the cached columns as its
+        # initial state, one GEMM for in_proj + both adapters' `down` (fused_in_proj).
+        self._kernels = mamba_kernels_for_decode() if self.device.type == "cuda" else None
+        self._fused = fused_in_proj(model) if self._kernels is not None else None
+        self._A = [torch.zeros(l.mixer.num_heads, device=self.device) for l in lm.layers]  # -exp(A_log), float32
+        self._A_stamp = None
 
     def _run_chunk(self, embeds, mask):
+        if self._kernels is not None and mask is None:
+            return self._run_chunk_kernels(embeds)
         lm = self.model.model.language_model
         hidden, _ = lm(embeds, self.task, self.cache, mask, False)
         head = self.model.lm_head if self.task == "mmu" else self.model.image_head
         return head(hidden[:, -1])
+
+    def _run_chunk_kernels(self, embeds):
+        """The same arithmetic as `OmniMambaBlock` + `OmniMambaMixer._scan` continuing the cached states (spec
+        §3.2–3.4), on fused kernels."""
+        k = self._kernels
+        lm = self.model.model.language_model
+        batch, length, _ = embeds.shape
+        hidden, residual = embeds, None
+        for i, layer in enumerate(lm.layers):
+            m = layer.mixer
+            conv_state, ssm_state = self._states[i]
+            x, residual = k.layer_norm_fn(
+                hidden, layer.norm.weight, None, residual=residual, prenorm=True, residual_in_fp32=True,
+                eps=layer.norm.variance_epsilon, is_rms_norm=True,
+            )  # fmt: skip
+            width = m.in_proj.weight.shape[0]
+            rank = m.in_proj.task_adapters[self.task].down.weight.shape[0]
+            start = width + rank * TASKS.index(self.task)
+            both = F.linear(x, self._fused[i]).view(batch * length, -1)  # [z ‖ xBC ‖ dt ‖ down_mmu ‖ down_t2i]
+            zxbcdt = torch.addmm(
+                both[:, :width], both[:, start : start + rank], m.in_proj.task_adapters[self.task].up.weight.t(),
+                alpha=m.in_proj.scaling,
+            ).view(batch, length, width)  # fmt: skip
+            z, xBC, dt = zxbcdt.split([m.intermediate_size, m.conv_dim, m.num_heads], dim=-1)
+            xt = xBC.transpose(1, 2)  # channel-last [B, C, L], as causal-conv1d wants it with initial states
+            initial = conv_state[..., 1:].transpose(1, 2).contiguous().transpose(1, 2)
+            last = xt[..., -m.conv_kernel_size :] if length >= m.conv_kernel_size else None
+            if last is None:
+                last = torch.cat([conv_state, xt], dim=-1)[..., -m.conv_kernel_size :]
+            xBC = k.conv1d_fn(xt, m.conv1d.weight.squeeze(1), m.conv1d.bias, initial_states=initial, activation="silu")
+            conv_state.copy_(last)
+            xs, B, C = xBC.transpose(1, 2).split(m._xbc_sizes, dim=-1)
+            y, final = k.chunk_scan(
+                xs.reshape(batch, length, m.num_heads, m.head_dim), dt, self._A[i],
+                B.reshape(batch, length, m.n_groups, -1), C.reshape(batch, length, m.n_groups, -1), m.chunk_size,
+                D=m.D, z=None, dt_bias=m.dt_bias, initial_states=ssm_state, dt_softplus=True,
+                dt_limit=m.time_step_limit, return_final_states=True,
+            )  # fmt: skip
+            ssm_state.copy_(final)
+            y = k.rmsnorm_fn(
+                y.reshape(batch, length, -1), m.norm.weight, None, z=z, eps=m.norm.variance_epsilon,
+                group_size=m.norm.group_size, norm_before_gate=False,
+            )  # fmt: skip
+            hidden = m.out_proj(y)
+        hidden = k.layer_norm_fn(
+            hidden[:, -1], lm.norm_f.weight, None, residual=residual[:, -1], prenorm=False, residual_in_fp32=True,
+            eps=lm.norm_f.variance_epsilon, is_rms_norm=True,
+        )  # fmt: skip
+        head = self.model.lm_head if self.task == "mmu" else self.model.image_head
+        return head(hidden)
 
     def _chunk(self, length: int, masked: bool):
         key = (length, masked)
@@ -103,12 +170,22 @@ class OmniMambaGraphPrefill:
         (nothing padded). Returns the logits of the last position [batch, vocab of the task] (a fresh tensor)."""
         if inputs_embeds.shape[0] != self.batch_size:
             raise ValueError(f"This prefill was built for batch size {self.batch_size}, got {inputs_embeds.shape[0]}.")
+        if self._fused is not None:
+            fused = fused_in_proj(self.model)  # refreshes the adapters' rows; new buffers if weights were replaced
+            if fused is not self._fused:
+                self._fused, self._chunks = fused, {}
+            logs = [layer.mixer.A_log for layer in self.model.model.language_model.layers]
+            stamp = [(p.data_ptr(), p._version) for p in logs]
+            if stamp != self._A_stamp:  # in place: the graphs read these buffers
+                for A, A_log in zip(self._A, logs):
+                    A.copy_(-torch.exp(A_log.detach().float()))
+                self._A_stamp = stamp
         for c, s in self._states:
             c.zero_()
             s.zero_()
         masked = attention_mask is not None
         start = 0
-        for length in chunk_lengths(inputs_embeds.shape[1]):
+        for length in chunk_lengths(inputs_embeds.shape[1], self.min_chunk):
             graph, embeds, mask, logits = self._chunk(length, masked and length > 1)
             embeds.copy_(inputs_embeds[:, start : start + length])
             if mask is not None:
@@ -141,4 +218,4 @@ class OmniMambaGraphVision:
         return self.features.clone()
 
 
-__all__ = ["CHUNKS", "OmniMambaGraphPrefill", "OmniMambaGraphVision", "chunk_lengths"]
+__all__ = ["MIN_CHUNK", "OmniMambaGraphPrefill", "OmniMambaGraphVision", "chunk_lengths"]
