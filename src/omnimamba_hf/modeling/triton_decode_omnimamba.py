@@ -58,12 +58,16 @@ def use_pdl(device: torch.device) -> bool:
 if triton is not None:
 
     @triton.jit
-    def _rmsnorm_gemv_kernel(
-        res_ptr, norm_w_ptr, w_ptr, out_ptr, N, eps,
-        stride_res, stride_w, stride_out,
+    def _norm_gemv_kernel(
+        x_ptr, norm_w_ptr, w_ptr, out_ptr, conv_ptr, bc_new_ptr, N, eps,
+        stride_x, stride_w, stride_out, stride_conv, stride_bc,
         K: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, PDL: tl.constexpr,
+        ACCUMULATE: tl.constexpr, OUT_DTYPE: tl.constexpr, BC: tl.constexpr, D_INNER: tl.constexpr, KW: tl.constexpr,
     ):  # fmt: skip
-        """out[b, n] = rstd(res[b]) · Σ_k W[n, k] · res[b, k] · norm_w[k]  (== W @ rmsnorm(res[b]))."""
+        """y[b, n] = rstd(x[b]) · Σ_k W[n, k] · x[b, k] · norm_w[k]  (== W @ (rmsnorm(x[b]) · norm_w)), stored in
+        `out` — or, with ACCUMULATE, rounded to OUT_DTYPE and added to `out` (the residual). With BC > 0, program 0
+        of each row also shifts this step's B/C inputs (`bc_new`, written by the conv/SSM kernel) into the conv
+        state."""
         pid = tl.program_id(0)
         b = tl.program_id(1)
         rows = pid * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -73,22 +77,33 @@ if triton is not None:
         w = tl.load(w_ptrs, mask=row_ok[:, None] & (cols < K)[None, :], other=0.0)  # weights: before the wait
         if PDL:
             gdc_launch_dependents()
-            gdc_wait()  # the residual is written by the previous kernel
+            gdc_wait()  # x is written by the previous kernel
         acc = tl.zeros([BLOCK_N, BLOCK_K], dtype=tl.float32)
         sumsq = tl.zeros([BLOCK_K], dtype=tl.float32)
         for k0 in range(0, K, BLOCK_K):
             k = k0 + cols
             k_ok = k < K
-            r = tl.load(res_ptr + b * stride_res + k, mask=k_ok, other=0.0).to(tl.float32)
+            xk = tl.load(x_ptr + b * stride_x + k, mask=k_ok, other=0.0).to(tl.float32)
             nw = tl.load(norm_w_ptr + k, mask=k_ok, other=0.0).to(tl.float32)
-            sumsq += r * r
+            sumsq += xk * xk
             nxt = k + BLOCK_K  # register double buffering: the next tile is in flight while this one is used
             w_next = tl.load(w_ptrs + k0 + BLOCK_K, mask=row_ok[:, None] & (nxt < K)[None, :], other=0.0)
-            acc += w.to(tl.float32) * (r * nw)[None, :]
+            acc += w.to(tl.float32) * (xk * nw)[None, :]
             w = w_next
         rstd = 1.0 / tl.sqrt(tl.sum(sumsq, axis=0) / K + eps)
-        out = tl.sum(acc, axis=1) * rstd
-        tl.store(out_ptr + b * stride_out + rows, out.to(out_ptr.dtype.element_ty), mask=row_ok)
+        y = tl.sum(acc, axis=1) * rstd
+        out_ptrs = out_ptr + b * stride_out + rows
+        if ACCUMULATE:  # out_proj: its output is in the model dtype, then added to the float32 residual
+            y = y.to(OUT_DTYPE).to(tl.float32) + tl.load(out_ptrs, mask=row_ok, other=0.0)
+        tl.store(out_ptrs, y.to(out_ptr.dtype.element_ty), mask=row_ok)
+        if BC > 0:
+            if pid == 0:
+                c = tl.arange(0, BC)
+                j = tl.arange(0, KW)
+                conv = conv_ptr + b * stride_conv + (D_INNER + c)[:, None] * KW
+                old = tl.load(conv + tl.minimum(j + 1, KW - 1)[None, :])
+                new = tl.load(bc_new_ptr + b * stride_bc + c)
+                tl.store(conv + j[None, :], tl.where(j[None, :] == KW - 1, new[:, None], old))
 
     @triton.jit
     def _up_rows(up_ptr, rows, R: tl.constexpr):
@@ -195,50 +210,6 @@ if triton is not None:
         gated = y * (z / (1.0 + tl.exp(-z)))  # gate before the norm (norm_before_gate=False, §3.4 step 6)
         tl.store(gated_ptr + b * stride_gated + h * P + p, gated)
 
-    @triton.jit
-    def _gated_norm_gemv_kernel(
-        gated_ptr, norm_w_ptr, w_ptr, res_ptr, conv_ptr, bc_new_ptr, N, eps,
-        stride_gated, stride_w, stride_res, stride_conv, stride_bc,
-        K: tl.constexpr, BC: tl.constexpr, D_INNER: tl.constexpr, KW: tl.constexpr, OUT_DTYPE: tl.constexpr,
-        BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, PDL: tl.constexpr,
-    ):  # fmt: skip
-        """res[b, n] += round(rstd(g[b]) · Σ_k W[n, k] · g[b, k] · norm_w[k]); program 0 of each row also shifts the
-        B/C inputs of this step into the conv state."""
-        pid = tl.program_id(0)
-        b = tl.program_id(1)
-        rows = pid * BLOCK_N + tl.arange(0, BLOCK_N)
-        row_ok = rows < N
-        cols = tl.arange(0, BLOCK_K)
-        w_ptrs = w_ptr + rows[:, None] * stride_w + cols[None, :]
-        w = tl.load(w_ptrs, mask=row_ok[:, None] & (cols < K)[None, :], other=0.0)  # weights: before the wait
-        if PDL:
-            gdc_launch_dependents()
-            gdc_wait()  # the gated activations are written by the previous kernel
-        acc = tl.zeros([BLOCK_N, BLOCK_K], dtype=tl.float32)
-        sumsq = tl.zeros([BLOCK_K], dtype=tl.float32)
-        for k0 in range(0, K, BLOCK_K):
-            k = k0 + cols
-            k_ok = k < K
-            gk = tl.load(gated_ptr + b * stride_gated + k, mask=k_ok, other=0.0)
-            nw = tl.load(norm_w_ptr + k, mask=k_ok, other=0.0).to(tl.float32)
-            sumsq += gk * gk
-            nxt = k + BLOCK_K
-            w_next = tl.load(w_ptrs + k0 + BLOCK_K, mask=row_ok[:, None] & (nxt < K)[None, :], other=0.0)
-            acc += w.to(tl.float32) * (gk * nw)[None, :]
-            w = w_next
-        rstd = 1.0 / tl.sqrt(tl.sum(sumsq, axis=0) / K + eps)
-        out = (tl.sum(acc, axis=1) * rstd).to(OUT_DTYPE).to(tl.float32)  # out_proj's output is in the model dtype
-        res = tl.load(res_ptr + b * stride_res + rows, mask=row_ok, other=0.0)
-        tl.store(res_ptr + b * stride_res + rows, res + out, mask=row_ok)
-        if pid == 0:
-            c = tl.arange(0, BC)
-            j = tl.arange(0, KW)
-            src = tl.minimum(j + 1, KW - 1)
-            conv = conv_ptr + b * stride_conv + (D_INNER + c)[:, None] * KW
-            old = tl.load(conv + src[None, :])
-            new = tl.load(bc_new_ptr + b * stride_bc + c)
-            tl.store(conv + j[None, :], tl.where(j[None, :] == KW - 1, new[:, None], old))
-
 
 _TL_DTYPES = {torch.float32: "float32", torch.bfloat16: "bfloat16", torch.float16: "float16"}
 
@@ -258,9 +229,11 @@ def rmsnorm_gemv(residual, norm_weight, weight, out, eps, block_n=16, block_k=25
     batch, k = residual.shape
     n = weight.shape[0]
     grid = (triton.cdiv(n, block_n), batch)
-    _rmsnorm_gemv_kernel[grid](
-        residual, norm_weight, weight, out, n, eps, residual.stride(0), weight.stride(0), out.stride(0),
-        K=k, BLOCK_N=block_n, BLOCK_K=block_k, **_pdl(out.device), num_warps=num_warps,
+    _norm_gemv_kernel[grid](
+        residual, norm_weight, weight, out, residual, residual, n, eps,
+        residual.stride(0), weight.stride(0), out.stride(0), 0, 0,
+        K=k, BLOCK_N=block_n, BLOCK_K=block_k, ACCUMULATE=False, OUT_DTYPE=tl.float32, BC=0, D_INNER=0, KW=1,
+        **_pdl(out.device), num_warps=num_warps,
     )  # fmt: skip
     return out
 
@@ -289,11 +262,11 @@ def gated_norm_gemv(gated, norm_weight, weight, residual, conv_state, bc_new, ep
     batch, k = gated.shape
     n = weight.shape[0]
     grid = (triton.cdiv(n, block_n), batch)
-    _gated_norm_gemv_kernel[grid](
+    _norm_gemv_kernel[grid](
         gated, norm_weight, weight, residual, conv_state, bc_new, n, eps,
         gated.stride(0), weight.stride(0), residual.stride(0), conv_state.stride(0), bc_new.stride(0),
-        K=k, BC=bc_new.shape[1], D_INNER=d_inner, KW=conv_state.shape[-1], OUT_DTYPE=getattr(tl, _TL_DTYPES[out_dtype]),
-        BLOCK_N=block_n, BLOCK_K=block_k, **_pdl(gated.device), num_warps=num_warps,
+        K=k, BLOCK_N=block_n, BLOCK_K=block_k, ACCUMULATE=True, OUT_DTYPE=getattr(tl, _TL_DTYPES[out_dtype]),
+        BC=bc_new.shape[1], D_INNER=d_inner, KW=conv_state.shape[-1], **_pdl(gated.device), num_warps=num_warps,
     )  # fmt: skip
 
 
