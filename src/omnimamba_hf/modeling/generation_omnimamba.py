@@ -124,7 +124,8 @@ class OmniMambaGenerationMixin(GenerationMixin):
         self, task: str, batch_size: int, decoder: str = "cuda_graph", backend: str = "auto"
     ) -> OmniMambaGraphDecoder:
         """The cached static-state decoder for (task, batch size, dtype, device); built on first use. `backend`:
-        "kernels" (mamba-ssm fused kernels), "inductor" (torch.compile) or "auto" (kernels when installed)."""
+        "fused" (this package's Triton step), "kernels" (mamba-ssm / causal-conv1d kernels + cuBLAS), "inductor"
+        (torch.compile) or "auto" (fused up to batch 2 where Triton runs, else kernels when installed, else inductor)."""
         key = (task, batch_size, self.dtype, self.device, decoder, backend)
         decoders = self.__dict__.setdefault("_omnimamba_graph_decoders", {})
         if key not in decoders:
