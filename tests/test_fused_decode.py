@@ -1,5 +1,5 @@
 """The fused Triton decode step (modeling/triton_decode_omnimamba.py, the "fused" graph-decoder backend) equals the
-PyTorch decode step: logits and both recurrent states, both tasks, batch 1 and 2, over several steps from states that
+PyTorch decode step: logits and both recurrent states, both tasks, batch 1 and 3, over several steps from states that
 an eager prefill produced. On CPU the kernels run in Triton's interpreter (TRITON_INTERPRET=1, set before triton is
 imported, hence the subprocess); on the GPU tests/gpu runs them compiled, in bf16 too. float32 only here: the
 interpreter rounds to bfloat16 by truncation, not round-to-nearest as the GPU does."""
@@ -45,7 +45,7 @@ def main():
     model = randomize_routing_(OmniMambaForConditionalGeneration(config).eval(), seed=1, scale=0.3)
     V, results = config.text_vocab_size, []
     for task in ("t2i", "mmu"):
-        for batch in (1, 2):
+        for batch in (1, 3):  # 3: the batched GEMV path (rows padded to 4 inside, one masked)
             g = torch.Generator().manual_seed(batch)
             prompt = torch.randint(0, 200, (batch, 6), generator=g)
             cache = DynamicCache(config=config.get_text_config(decoder=True))

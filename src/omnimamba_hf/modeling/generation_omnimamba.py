@@ -125,7 +125,7 @@ class OmniMambaGenerationMixin(GenerationMixin):
     ) -> OmniMambaGraphDecoder:
         """The cached static-state decoder for (task, batch size, dtype, device); built on first use. `backend`:
         "fused" (this package's Triton step), "kernels" (mamba-ssm / causal-conv1d kernels + cuBLAS), "inductor"
-        (torch.compile) or "auto" (fused up to batch 2 where Triton runs, else kernels when installed, else inductor)."""
+        (torch.compile) or "auto" (fused up to batch 3 where Triton runs, else kernels when installed, else inductor)."""
         key = (task, batch_size, self.dtype, self.device, decoder, backend)
         decoders = self.__dict__.setdefault("_omnimamba_graph_decoders", {})
         if key not in decoders:
@@ -139,7 +139,9 @@ class OmniMambaGenerationMixin(GenerationMixin):
         """Drop captured decoders and prefill graphs (needed after replacing parameter tensors, e.g.
         `load_state_dict(assign=True)`)."""
         for key in _GRAPH_CACHES[:2]:
-            self.__dict__.pop(key, None)
+            for captured in self.__dict__.pop(key, {}).values():
+                if captured is not None:
+                    captured.release()  # now, not when the garbage collector reaches the model <-> graph cycle
 
     def graph_prefill(self, task: str, batch_size: int) -> OmniMambaGraphPrefill:
         """The cached CUDA-graph prefill for (task, batch size, dtype, device); graphs are captured on first use."""

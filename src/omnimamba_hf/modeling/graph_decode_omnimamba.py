@@ -12,7 +12,9 @@ The prefill (prompt, image features, chunked scan) runs eagerly through the norm
 copied into the static buffers. Decoders are cached on the model per (task, batch size, dtype, device).
 """
 
+import contextlib
 import functools
+import gc
 from types import SimpleNamespace
 
 import torch
@@ -21,9 +23,10 @@ import torch.nn.functional as F
 from .triton_decode_omnimamba import LAUNCH, conv_ssm_step, fused_decode_available, gated_norm_gemv, rmsnorm_gemv
 from .mixer_omnimamba import TASKS, mamba_kernels
 
-# Largest batch for which "auto" picks the fused Triton step: its GEMVs re-read the weights per row, which only wins
-# while a step is dominated by launch count rather than weight traffic (measured: docs/BENCHMARKS.md).
-FUSED_MAX_BATCH = 2
+# Largest batch for which "auto" picks the fused Triton step. Its GEMVs read each weight tile once for all rows but
+# multiply on CUDA cores; from batch 4 cuBLAS + mamba-ssm win. H100, bf16, ms/step (fused vs kernels): b1 1.24 vs 2.21,
+# b2 1.65 vs 2.37, b3 2.15 vs 2.42, b4 2.60 vs 2.51, b8 4.66 vs 2.82 (docs/benchmarks/2026-11-24-h100/profile_final.log).
+FUSED_MAX_BATCH = 3
 
 
 @torch.no_grad()
@@ -273,10 +276,31 @@ class OmniMambaGraphDecoder:
                 self._fn()
         torch.cuda.current_stream().wait_stream(stream)
         self._graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(self._graph):
+        with no_gc_during_capture(), torch.cuda.graph(self._graph):
             self._fn()
         self.conv.copy_(saved[0])
         self.ssm.copy_(saved[1])
+
+    def release(self) -> None:
+        """Free the captured graph now (not whenever the garbage collector gets to this object)."""
+        if self._graph is not None:
+            self._graph.reset()
+            self._graph = None
+
+
+@contextlib.contextmanager
+def no_gc_during_capture():
+    """Python's cyclic garbage collector stays off while a CUDA graph is captured. Dropped decoders and prefill graphs
+    sit in reference cycles with the model; collected mid-capture, their CUDAGraph destructors invalidate the capture
+    ("operation not permitted when stream is capturing"; seen on the H100 when a batch-8 decoder was captured right
+    after `reset_graph_decoders()`). torch.cuda.graph no longer runs gc.collect() itself."""
+    enabled = gc.isenabled()
+    gc.disable()
+    try:
+        yield
+    finally:
+        if enabled:
+            gc.enable()
 
 
 def _layer_step(
@@ -329,4 +353,4 @@ def _rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor
     return x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + eps) * weight.float()
 
 
-__all__ = ["OmniMambaGraphDecoder"]
+__all__ = ["OmniMambaGraphDecoder", "no_gc_during_capture"]

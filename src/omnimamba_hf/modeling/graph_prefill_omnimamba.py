@@ -22,7 +22,7 @@ import torch
 import torch.nn.functional as F
 from transformers import DynamicCache
 
-from .graph_decode_omnimamba import fused_in_proj, mamba_kernels_for_decode
+from .graph_decode_omnimamba import fused_in_proj, mamba_kernels_for_decode, no_gc_during_capture
 from .mixer_omnimamba import TASKS
 
 MIN_CHUNK = 64
@@ -49,7 +49,7 @@ def _capture(fn, pool):
             fn()
     torch.cuda.current_stream().wait_stream(stream)
     graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph, pool=pool):
+    with no_gc_during_capture(), torch.cuda.graph(graph, pool=pool):
         out = fn()
     return graph, out
 
@@ -164,6 +164,13 @@ class OmniMambaGraphPrefill:
             self._chunks[key] = (graph, embeds, mask, logits)
         return self._chunks[key]
 
+    def release(self) -> None:
+        """Free the captured graphs now."""
+        for graph, *_ in self._chunks.values():
+            if graph is not None:
+                graph.reset()
+        self._chunks = {}
+
     @torch.no_grad()
     def __call__(self, inputs_embeds: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
         """`inputs_embeds` [batch, length, hidden] (position tables added); `attention_mask` [batch, length] or None
@@ -208,6 +215,9 @@ class OmniMambaGraphVision:
         param = model.model.projector.linear_1.weight
         self.pixels = torch.zeros(n_images, 2, 3, size, size, device=param.device, dtype=param.dtype)
         self.graph, self.features = _capture(lambda: model.model.get_image_features(self.pixels), None)
+
+    def release(self) -> None:
+        self.graph.reset()
 
     @torch.no_grad()
     def __call__(self, pixel_values: torch.Tensor) -> torch.Tensor:

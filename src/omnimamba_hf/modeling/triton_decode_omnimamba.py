@@ -61,49 +61,69 @@ if triton is not None:
     def _norm_gemv_kernel(
         x_ptr, norm_w_ptr, w_ptr, out_ptr, conv_ptr, bc_new_ptr, N, eps,
         stride_x, stride_w, stride_out, stride_conv, stride_bc,
-        K: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, PDL: tl.constexpr,
-        ACCUMULATE: tl.constexpr, OUT_DTYPE: tl.constexpr, BC: tl.constexpr, D_INNER: tl.constexpr, KW: tl.constexpr,
+        K: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, ROWS: tl.constexpr, ROWS_P2: tl.constexpr,
+        PDL: tl.constexpr, ACCUMULATE: tl.constexpr, OUT_DTYPE: tl.constexpr, BC: tl.constexpr, D_INNER: tl.constexpr, KW: tl.constexpr,
     ):  # fmt: skip
-        """y[b, n] = rstd(x[b]) · Σ_k W[n, k] · x[b, k] · norm_w[k]  (== W @ (rmsnorm(x[b]) · norm_w)), stored in
-        `out` — or, with ACCUMULATE, rounded to OUT_DTYPE and added to `out` (the residual). With BC > 0, program 0
-        of each row also shifts this step's B/C inputs (`bc_new`, written by the conv/SSM kernel) into the conv
-        state."""
+        """y[b, n] = rstd(x[b]) · Σ_k W[n, k] · x[b, k] · norm_w[k]  (== W @ (rmsnorm(x[b]) · norm_w)) for the
+        ROWS batch rows, each weight tile read once for all of them; stored in `out` — or, with ACCUMULATE, rounded
+        to OUT_DTYPE and added to `out` (the residual). With BC > 0, program 0 also shifts this step's B/C inputs
+        (`bc_new`, written by the conv/SSM kernel) into the conv state."""
         pid = tl.program_id(0)
-        b = tl.program_id(1)
         rows = pid * BLOCK_N + tl.arange(0, BLOCK_N)
         row_ok = rows < N
         cols = tl.arange(0, BLOCK_K)
+        bb = tl.arange(0, ROWS_P2)
+        b_ok = bb < ROWS
         w_ptrs = w_ptr + rows[:, None] * stride_w + cols[None, :]
         w = tl.load(w_ptrs, mask=row_ok[:, None] & (cols < K)[None, :], other=0.0)  # weights: before the wait
         if PDL:
             gdc_launch_dependents()
             gdc_wait()  # x is written by the previous kernel
-        acc = tl.zeros([BLOCK_N, BLOCK_K], dtype=tl.float32)
-        sumsq = tl.zeros([BLOCK_K], dtype=tl.float32)
-        for k0 in range(0, K, BLOCK_K):
-            k = k0 + cols
-            k_ok = k < K
-            xk = tl.load(x_ptr + b * stride_x + k, mask=k_ok, other=0.0).to(tl.float32)
-            nw = tl.load(norm_w_ptr + k, mask=k_ok, other=0.0).to(tl.float32)
-            sumsq += xk * xk
-            nxt = k + BLOCK_K  # register double buffering: the next tile is in flight while this one is used
-            w_next = tl.load(w_ptrs + k0 + BLOCK_K, mask=row_ok[:, None] & (nxt < K)[None, :], other=0.0)
-            acc += w.to(tl.float32) * (xk * nw)[None, :]
-            w = w_next
-        rstd = 1.0 / tl.sqrt(tl.sum(sumsq, axis=0) / K + eps)
-        y = tl.sum(acc, axis=1) * rstd
-        out_ptrs = out_ptr + b * stride_out + rows
+        if ROWS == 1:  # the accumulator stays [BLOCK_N, BLOCK_K] and is reduced once, after the loop
+            acc = tl.zeros([BLOCK_N, BLOCK_K], dtype=tl.float32)
+            sumsq = tl.zeros([BLOCK_K], dtype=tl.float32)
+            for k0 in range(0, K, BLOCK_K):
+                k = k0 + cols
+                k_ok = k < K
+                xk = tl.load(x_ptr + k, mask=k_ok, other=0.0).to(tl.float32)
+                nw = tl.load(norm_w_ptr + k, mask=k_ok, other=0.0).to(tl.float32)
+                sumsq += xk * xk
+                nxt = k + BLOCK_K  # register double buffering: the next tile is in flight while this one is used
+                w_next = tl.load(w_ptrs + k0 + BLOCK_K, mask=row_ok[:, None] & (nxt < K)[None, :], other=0.0)
+                acc += w.to(tl.float32) * (xk * nw)[None, :]
+                w = w_next
+            y = (tl.sum(acc, axis=1) * (1.0 / tl.sqrt(tl.sum(sumsq, axis=0) / K + eps)))[None, :]
+        else:  # per-row accumulators [ROWS, BLOCK_N], updated row by row from the tile in registers
+            acc = tl.zeros([ROWS_P2, BLOCK_N], dtype=tl.float32)
+            sumsq = tl.zeros([ROWS_P2], dtype=tl.float32)
+            for k0 in range(0, K, BLOCK_K):
+                k = k0 + cols
+                k_ok = k < K
+                nw = tl.load(norm_w_ptr + k, mask=k_ok, other=0.0).to(tl.float32)
+                nxt = k + BLOCK_K
+                w_next = tl.load(w_ptrs + k0 + BLOCK_K, mask=row_ok[:, None] & (nxt < K)[None, :], other=0.0)
+                wf = w.to(tl.float32)
+                for r in tl.static_range(ROWS):
+                    xk = tl.load(x_ptr + r * stride_x + k, mask=k_ok, other=0.0).to(tl.float32)
+                    part = tl.sum(wf * (xk * nw)[None, :], axis=1)
+                    acc = tl.where((bb == r)[:, None], acc + part[None, :], acc)
+                    sumsq = tl.where(bb == r, sumsq + tl.sum(xk * xk, axis=0), sumsq)
+                w = w_next
+            y = acc * (1.0 / tl.sqrt(sumsq / K + eps))[:, None]
+        out_ptrs = out_ptr + bb[:, None] * stride_out + rows[None, :]
+        ok = b_ok[:, None] & row_ok[None, :]
         if ACCUMULATE:  # out_proj: its output is in the model dtype, then added to the float32 residual
-            y = y.to(OUT_DTYPE).to(tl.float32) + tl.load(out_ptrs, mask=row_ok, other=0.0)
-        tl.store(out_ptrs, y.to(out_ptr.dtype.element_ty), mask=row_ok)
+            y = y.to(OUT_DTYPE).to(tl.float32) + tl.load(out_ptrs, mask=ok, other=0.0)
+        tl.store(out_ptrs, y.to(out_ptr.dtype.element_ty), mask=ok)
         if BC > 0:
             if pid == 0:
                 c = tl.arange(0, BC)
                 j = tl.arange(0, KW)
-                conv = conv_ptr + b * stride_conv + (D_INNER + c)[:, None] * KW
-                old = tl.load(conv + tl.minimum(j + 1, KW - 1)[None, :])
-                new = tl.load(bc_new_ptr + b * stride_bc + c)
-                tl.store(conv + j[None, :], tl.where(j[None, :] == KW - 1, new[:, None], old))
+                for r in tl.static_range(ROWS):
+                    conv = conv_ptr + r * stride_conv + (D_INNER + c)[:, None] * KW
+                    old = tl.load(conv + tl.minimum(j + 1, KW - 1)[None, :])
+                    new = tl.load(bc_new_ptr + r * stride_bc + c)
+                    tl.store(conv + j[None, :], tl.where(j[None, :] == KW - 1, new[:, None], old))
 
     @triton.jit
     def _up_rows(up_ptr, rows, R: tl.constexpr):
@@ -228,12 +248,11 @@ def rmsnorm_gemv(residual, norm_weight, weight, out, eps, block_n=16, block_k=25
     """out[b] = weight @ rmsnorm(residual[b]) · norm_weight (float32 accumulation, written in out's dtype)."""
     batch, k = residual.shape
     n = weight.shape[0]
-    grid = (triton.cdiv(n, block_n), batch)
-    _norm_gemv_kernel[grid](
+    _norm_gemv_kernel[(triton.cdiv(n, block_n),)](
         residual, norm_weight, weight, out, residual, residual, n, eps,
         residual.stride(0), weight.stride(0), out.stride(0), 0, 0,
-        K=k, BLOCK_N=block_n, BLOCK_K=block_k, ACCUMULATE=False, OUT_DTYPE=tl.float32, BC=0, D_INNER=0, KW=1,
-        **_pdl(out.device), num_warps=num_warps,
+        K=k, BLOCK_N=block_n, BLOCK_K=block_k, ROWS=batch, ROWS_P2=triton.next_power_of_2(batch), ACCUMULATE=False,
+        OUT_DTYPE=tl.float32, BC=0, D_INNER=0, KW=1, **_pdl(out.device), num_warps=num_warps,
     )  # fmt: skip
     return out
 
@@ -261,12 +280,12 @@ def gated_norm_gemv(gated, norm_weight, weight, residual, conv_state, bc_new, ep
     """residual[b] += weight @ gated_rmsnorm(gated[b]) (rounded to out_dtype first); finishes the conv-state shift."""
     batch, k = gated.shape
     n = weight.shape[0]
-    grid = (triton.cdiv(n, block_n), batch)
-    _norm_gemv_kernel[grid](
+    _norm_gemv_kernel[(triton.cdiv(n, block_n),)](
         gated, norm_weight, weight, residual, conv_state, bc_new, n, eps,
         gated.stride(0), weight.stride(0), residual.stride(0), conv_state.stride(0), bc_new.stride(0),
-        K=k, BLOCK_N=block_n, BLOCK_K=block_k, ACCUMULATE=True, OUT_DTYPE=getattr(tl, _TL_DTYPES[out_dtype]),
-        BC=bc_new.shape[1], D_INNER=d_inner, KW=conv_state.shape[-1], **_pdl(gated.device), num_warps=num_warps,
+        K=k, BLOCK_N=block_n, BLOCK_K=block_k, ROWS=batch, ROWS_P2=triton.next_power_of_2(batch), ACCUMULATE=True,
+        OUT_DTYPE=getattr(tl, _TL_DTYPES[out_dtype]), BC=bc_new.shape[1], D_INNER=d_inner, KW=conv_state.shape[-1],
+        **_pdl(gated.device), num_warps=num_warps,
     )  # fmt: skip
 
 
