@@ -194,7 +194,7 @@ def test_fused_step_equals_torch_step(model, task, batch):
             assert worst["fused"][i] < 1.5 * worst["torch"][i] + 1e-3, (worst, i)
 
 
-@pytest.mark.parametrize("case", ["t2i", "mmu", "mmu-padded-batch"])
+@pytest.mark.parametrize("case", ["t2i", "mmu", "mmu-padded-batch", "mmu-remainder-1", "mmu-remainder-2", "mmu-remainder-3"])
 def test_graph_prefill_equals_eager_prefill(model, case):
     """The CUDA-graph prefill (vision graph + power-of-two chunk graphs, kernel-fused blocks for unpadded chunks)
     against the eager one-shot prefill: last logits and every layer's final states."""
@@ -205,6 +205,8 @@ def test_graph_prefill_equals_eager_prefill(model, case):
     t2i, mmu, pixels = prompts(config, model.dtype)
     task = "t2i" if case == "t2i" else "mmu"
     ids, px, mask, positions = (t2i, None, None, None) if task == "t2i" else (mmu, pixels, None, None)
+    if case.startswith("mmu-remainder-"):  # a last chunk shorter than the conv window: 512 + 256 + 1..3 positions
+        ids = mmu[:, : 768 + int(case[-1])]
     if case == "mmu-padded-batch":
         short = torch.cat([torch.full((1, 5), config.pad_token_id, device="cuda"), mmu[:, :-5]], dim=1)
         ids, px = torch.cat([short, mmu]), torch.cat([pixels, pixels])

@@ -87,11 +87,13 @@ class OmniMambaGraphPrefill:
         # initial state, one GEMM for in_proj + both adapters' `down` (fused_in_proj).
         self._kernels = mamba_kernels_for_decode() if self.device.type == "cuda" else None
         self._fused = fused_in_proj(model) if self._kernels is not None else None
+        self._conv_width = lm.layers[0].mixer.conv_kernel_size
         self._A = [torch.zeros(l.mixer.num_heads, device=self.device) for l in lm.layers]  # -exp(A_log), float32
         self._A_stamp = None
 
     def _run_chunk(self, embeds, mask):
-        if self._kernels is not None and mask is None:
+        # chunks shorter than the conv window (remainders of 1-3 positions) take the mixer's own continuation path
+        if self._kernels is not None and mask is None and embeds.shape[1] >= self._conv_width:
             return self._run_chunk_kernels(embeds)
         lm = self.model.model.language_model
         hidden, _ = lm(embeds, self.task, self.cache, mask, False)
@@ -123,9 +125,7 @@ class OmniMambaGraphPrefill:
             z, xBC, dt = zxbcdt.split([m.intermediate_size, m.conv_dim, m.num_heads], dim=-1)
             xt = xBC.transpose(1, 2)  # channel-last [B, C, L], as causal-conv1d wants it with initial states
             initial = conv_state[..., 1:].transpose(1, 2).contiguous().transpose(1, 2)
-            last = xt[..., -m.conv_kernel_size :] if length >= m.conv_kernel_size else None
-            if last is None:
-                last = torch.cat([conv_state, xt], dim=-1)[..., -m.conv_kernel_size :]
+            last = xt[..., -m.conv_kernel_size :]  # the new conv state (chunks here are at least the window long)
             xBC = k.conv1d_fn(xt, m.conv1d.weight.squeeze(1), m.conv1d.bias, initial_states=initial, activation="silu")
             conv_state.copy_(last)
             xs, B, C = xBC.transpose(1, 2).split(m._xbc_sizes, dim=-1)
