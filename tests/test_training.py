@@ -506,6 +506,24 @@ def test_training_reduces_both_losses_and_logs_them_separately(config, processor
         assert name not in decay, name
 
 
+def test_default_collator_follows_max_text_length(config, processor, datasets_, data_dir, tmp_path):
+    """Without a data_collator the trainer builds one for the model's layout, with the MMU text length asked for
+    (the tiny layout's 48 here, not the original's 449), and trains on it."""
+    mmu, t2i = datasets_
+    args = OmniMambaTrainingArguments(
+        output_dir=str(tmp_path), stage="stage2", per_device_mmu_batch_size=2, per_device_t2i_batch_size=2, max_steps=1,
+        save_strategy="no", report_to="none", use_cpu=True, dataloader_num_workers=0, disable_tqdm=True,
+    )  # fmt: skip
+    dataset = MixedTaskDataset(mmu=mmu, t2i=t2i, image_root=str(data_dir / "images"))
+    trainer = OmniMambaTrainer(
+        new_model(config), args, train_dataset=dataset, processing_class=processor, max_text_length=TEXT_LEN
+    )
+    assert trainer.data_collator.spec.max_text_length == TEXT_LEN
+    batch = next(iter(trainer.get_train_dataloader()))
+    assert batch["mmu"]["input_ids"].shape[1] == 4 + config.num_image_tokens + TEXT_LEN  # the tiny layout
+    assert math.isfinite(trainer.train().training_loss)
+
+
 def test_resume_reproduces_the_loss_trajectory(config, processor, datasets_, data_dir, tmp_path):
     common = dict(max_steps=5, gradient_accumulation_steps=2, per_device_mmu_batch_size=1, per_device_t2i_batch_size=2)
     first = make_trainer(config, processor, datasets_, data_dir, tmp_path / "a", save_strategy="steps", save_steps=2, **common)

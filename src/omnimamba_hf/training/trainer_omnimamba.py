@@ -86,9 +86,12 @@ class OmniMambaTrainer(Trainer):
         model, args, train_dataset, eval_dataset, processing_class, ...: as `Trainer`. `args` is best an
             `OmniMambaTrainingArguments` (stage + per-task batch sizes); a plain `TrainingArguments` works with
             `task_batch_sizes=`.
-        data_collator: defaults to `OmniMambaDataCollator(model.config, processing_class, mmu_format=<stage's>)`.
+        data_collator: defaults to `OmniMambaDataCollator(model.config, processing_class, mmu_format=<stage's>,
+            max_text_length=max_text_length)`.
         stage (`str`, *optional*): overrides `args.stage`.
         task_batch_sizes (`dict`, *optional*): `{"mmu": 3, "t2i": 48}`, overrides the args' per-task sizes.
+        max_text_length (`int`, defaults to 449, the original's): MMU text length of the default collator (ignored
+            when `data_collator` is given).
 
     `train_dataset` / `eval_dataset`: a `MixedTaskDataset` (mixed batches at the configured ratio). Any other dataset
     goes through the standard Trainer DataLoader: its items need a `"task"` key (or a collator `default_task`).
@@ -104,6 +107,7 @@ class OmniMambaTrainer(Trainer):
         processing_class=None,
         stage: str | None = None,
         task_batch_sizes: dict[str, int] | None = None,
+        max_text_length: int = 449,
         **kwargs,
     ):
         if args is None:
@@ -124,7 +128,8 @@ class OmniMambaTrainer(Trainer):
         if data_collator is None and model is not None:
             mmu_format = get_stage(self.stage).mmu_format if self.stage else None
             data_collator = OmniMambaDataCollator(
-                unwrap_omnimamba(model).config, processing_class, mmu_format=mmu_format or "finetune"
+                unwrap_omnimamba(model).config, processing_class, mmu_format=mmu_format or "finetune",
+                max_text_length=max_text_length,
             )
         callbacks = list(kwargs.pop("callbacks", None) or [])
         if model is not None:
