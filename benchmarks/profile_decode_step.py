@@ -47,50 +47,52 @@ def copies_for(shape, dtype=torch.bfloat16, min_bytes=200 << 20):
     return [torch.randn(shape, device="cuda", dtype=dtype) * 0.02 for _ in range(n)]
 
 
+def sweep_one(name, shape, configs, launch, bw) -> dict:
+    """Time `launch(weight, block_n, block_k, num_warps)` for each config over L2-defeating weight copies; print the
+    five fastest; return the best as LAUNCH keyword arguments."""
+    ws = copies_for(shape)
+    rows = []
+    for bn, bk, nwp in configs:
+        if bn * bk > 16384:
+            continue
+        us = graph_us_per_call([lambda w=w: launch(w, bn, bk, nwp) for w in ws])
+        rows.append((us, bn, bk, nwp))
+    rows.sort()
+    gbs = lambda us: shape[0] * shape[1] * 2 / us / 1e3  # noqa: E731
+    for us, bn, bk, nwp in rows[:5]:
+        print(f"sweep {name} {shape}: block_n {bn} block_k {bk} warps {nwp}: {us:.1f} us, {gbs(us):.0f} GB/s "
+              f"({gbs(us) / bw:.0%} of copy)")  # fmt: skip
+    return dict(block_n=rows[0][1], block_k=rows[0][2], num_warps=rows[0][3])
+
+
 def sweep(bw):
     """Try launch configurations of the fused kernels on the 1.3B shapes; print µs and GB/s; return the best."""
     best = {}
     d, e = 2048, 4096
     res = torch.randn(1, d, device="cuda")
     nw = torch.ones(d, device="cuda", dtype=torch.bfloat16)
+    configs = list(itertools.product((4, 8, 16, 32), (128, 256, 512), (2, 4, 8)))
+    configs += [(2, 2048, 4), (2, 2048, 8), (4, 2048, 4), (4, 2048, 8)]  # whole rows: all loads before the wait
     for name, shape in (("in_proj", (8528, d)), ("head_t2i", (16384, d))):
-        ws = copies_for(shape)
         out = torch.empty(1, shape[0], device="cuda", dtype=torch.bfloat16)
-        rows = []
-        configs = list(itertools.product((4, 8, 16, 32), (128, 256, 512), (2, 4, 8)))
-        configs += [(2, 2048, 4), (2, 2048, 8), (4, 2048, 4), (4, 2048, 8)]  # whole rows: all loads before the wait
-        for bn, bk, nwp in configs:
-            if bn * bk > 16384:
-                continue
-            us = graph_us_per_call([lambda w=w: fused.rmsnorm_gemv(res, nw, w, out, 1e-5, bn, bk, nwp) for w in ws])
-            rows.append((us, bn, bk, nwp))
-        rows.sort()
-        for us, bn, bk, nwp in rows[:5]:
-            print(f"sweep {name} {shape}: block_n {bn} block_k {bk} warps {nwp}: {us:.1f} us, "
-                  f"{shape[0] * shape[1] * 2 / us / 1e3:.0f} GB/s ({shape[0] * shape[1] * 2 / us / 1e3 / bw:.0%} of copy)")  # fmt: skip
-        best[name] = dict(block_n=rows[0][1], block_k=rows[0][2], num_warps=rows[0][3])
-    ws = copies_for((d, e))
+        best[name] = sweep_one(
+            name, shape, configs, lambda w, bn, bk, nwp: fused.rmsnorm_gemv(res, nw, w, out, 1e-5, bn, bk, nwp), bw
+        )
     gated = torch.randn(1, e, device="cuda")
     gw = torch.ones(e, device="cuda", dtype=torch.bfloat16)
     resid = torch.zeros(1, d, device="cuda")
     conv = torch.zeros(1, e + 256, 4, device="cuda", dtype=torch.bfloat16)
     bc = torch.zeros(1, 256, device="cuda", dtype=torch.bfloat16)
-    rows = []
     configs = list(itertools.product((2, 4, 8, 16), (256, 512, 1024), (2, 4, 8)))
     configs += [(1, 4096, 4), (1, 4096, 8), (2, 4096, 4), (2, 4096, 8)]  # whole rows: all loads before the wait
-    for bn, bk, nwp in configs:
-        if bn * bk > 16384:
-            continue
-        us = graph_us_per_call([
-            lambda w=w: fused.gated_norm_gemv(gated, gw, w, resid, conv, bc, 1e-5, d_inner=e, out_dtype=torch.bfloat16,
-                                              block_n=bn, block_k=bk, num_warps=nwp) for w in ws
-        ])  # fmt: skip
-        rows.append((us, bn, bk, nwp))
-    rows.sort()
-    for us, bn, bk, nwp in rows[:5]:
-        print(f"sweep out_proj ({d}, {e}): block_n {bn} block_k {bk} warps {nwp}: {us:.1f} us, "
-              f"{d * e * 2 / us / 1e3:.0f} GB/s ({d * e * 2 / us / 1e3 / bw:.0%} of copy)")  # fmt: skip
-    best["out_proj"] = dict(block_n=rows[0][1], block_k=rows[0][2], num_warps=rows[0][3])
+    best["out_proj"] = sweep_one(
+        "out_proj", (d, e), configs,
+        lambda w, bn, bk, nwp: fused.gated_norm_gemv(
+            gated, gw, w, resid, conv, bc, 1e-5, d_inner=e, out_dtype=torch.bfloat16, block_n=bn, block_k=bk,
+            num_warps=nwp,
+        ),
+        bw,
+    )  # fmt: skip
     # cuBLAS for comparison, same L2-defeating rotation
     for shape in ((8512, d), (d, e), (16384, d)):
         ws = copies_for(shape)

@@ -64,10 +64,10 @@ def main():
                     task=task, batch=batch, step=step, logits=rel(b, a), conv=rel(fused.conv, ref.conv),
                     ssm=rel(fused.ssm, ref.ssm), moved=rel(ref.ssm, start) if step else 1.0,
                 ))  # fmt: skip
-    # adapters trained after the fused buffers were built (an in-place update): the fused step follows
-    with torch.no_grad():
-        for layer in model.model.language_model.layers:
-            layer.mixer.in_proj.task_adapters["t2i"].down.weight.mul_(-2.0)
+    # weights changed after the fused buffers were built, through `.data` (no `_version` bump): the fused step follows
+    for layer in model.model.language_model.layers:
+        layer.mixer.in_proj.task_adapters["t2i"].down.weight.data.mul_(-2.0)
+        layer.mixer.A_log.data.add_(0.5)
     cache = DynamicCache(config=config.get_text_config(decoder=True))
     prompt = torch.randint(0, 200, (1, 6), generator=torch.Generator().manual_seed(7))
     with torch.no_grad():

@@ -42,7 +42,7 @@ from .graph_prefill_omnimamba import OmniMambaGraphPrefill, OmniMambaGraphVision
 # model.__dict__ entries that hold captured graphs and static buffers: dropped by reset_graph_decoders() and never
 # pickled / deep-copied with the model.
 _GRAPH_CACHES = (
-    "_omnimamba_graph_decoders", "_omnimamba_graph_prefill", "_omnimamba_fused_in_proj", "_omnimamba_fused_in_proj_stamp"
+    "_omnimamba_graph_decoders", "_omnimamba_graph_prefill", "_omnimamba_fused_in_proj", "_omnimamba_ssm_decay_rates"
 )  # fmt: skip
 
 logger = logging.get_logger(__name__)
@@ -166,8 +166,9 @@ class OmniMambaGenerationMixin(GenerationMixin):
             return self.model.get_image_features(pixel_values)
         return cache[key](pixel_values)
 
-    def _omnimamba_prefill(self, input_ids, task, decoder, pixel_values=None, image_flags=None, attention_mask=None,
-                 position_ids=None):  # fmt: skip
+    def _omnimamba_prefill(
+        self, input_ids, task, decoder, pixel_values=None, image_flags=None, attention_mask=None, position_ids=None
+    ):
         """The prompt pass: `(last-position logits, DynamicCache with the final states)`. On "cuda_graph" the
         embeddings run eagerly (with the input checks) and the vision towers + Mamba stack replay CUDA graphs."""
         if decoder != "cuda_graph":

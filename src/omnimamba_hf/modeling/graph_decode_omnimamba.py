@@ -2,17 +2,16 @@
 
 A recurrent model decodes with a constant-size state, so one decode step has fully static shapes: the token ids and
 positions of the batch, the conv state `[layers, B, conv_dim, K]` and the SSM state `[layers, B, heads, head_dim,
-d_state]` (float32). The step is written as one function over preallocated buffers, compiled with `torch.compile`
-(which fuses the norm / conv / state-update elementwise work into a few kernels per layer) and captured once in a CUDA
-graph, so a decode step costs one graph replay: launch overhead disappears and the step approaches the time to read
+d_state]` (float32). The step is written as one function over preallocated buffers (backends: this package's fused
+Triton kernels, mamba-ssm's kernels + cuBLAS, or the PyTorch step compiled by torch.compile) and captured once in a
+CUDA graph, so a decode step costs one graph replay: launch overhead disappears and the step approaches the time to read
 the weights once (the memory floor). The task LoRA stays exact: `x Wᵀ + s · up(down(x))` with the task's adapter,
 not merged into the base weight.
 
-The prefill (prompt, image features, chunked scan) runs eagerly through the normal forward; its final states are
-copied into the static buffers. Decoders are cached on the model per (task, batch size, dtype, device).
+The prefill (graph_prefill_omnimamba.py on "cuda_graph", else the eager forward) leaves its final states in a
+`DynamicCache`; `load_state` copies them into the static buffers. Decoders are cached on the model per (task, batch
+size, dtype, device).
 """
-
-import contextlib
 import functools
 import gc
 from types import SimpleNamespace
@@ -33,9 +32,10 @@ FUSED_MAX_BATCH = 3
 def fused_in_proj(model) -> list[torch.Tensor]:
     """Per layer one buffer [W_in; down_mmu; down_t2i], so that `in_proj` and the adapters' `down` run as ONE GEMV
     (a separate tiny GEMV costs ~5 µs per layer, ~10% of a batch-1 step on an H100). `in_proj.weight` becomes a view
-    of the buffer's first rows, so the base weight is not duplicated; the `down` rows are copies, refreshed whenever
-    a `down` weight has changed (adapters may have been trained since). Exact: the same products, launched together. Cached on the model;
-    rebuilt when an `in_proj.weight` tensor has been replaced (e.g. by `load_state_dict(assign=True)`)."""
+    of the buffer's first rows, so the base weight is not duplicated; the `down` rows are copies, refreshed on every
+    call (adapters may have been trained since). Exact: the same products, launched together.
+    Cached on the model; rebuilt when an `in_proj.weight` tensor has been replaced (e.g. by
+    `load_state_dict(assign=True)`)."""
     layers = model.model.language_model.layers
     cached = model.__dict__.get("_omnimamba_fused_in_proj")
     if cached is None or any(l.mixer.in_proj.weight.data_ptr() != b.data_ptr() for l, b in zip(layers, cached)):
@@ -48,15 +48,35 @@ def fused_in_proj(model) -> list[torch.Tensor]:
             linear.weight.data = buffer[: linear.weight.shape[0]]
             cached.append(buffer)
         model.__dict__["_omnimamba_fused_in_proj"] = cached
-    # the adapters' rows: copied again only if a `down` weight changed (in-place updates bump `_version`)
-    downs = [layer.mixer.in_proj.task_adapters[t].down.weight for layer in layers for t in TASKS]
-    stamp = [(w.data_ptr(), w._version) for w in downs]
-    if model.__dict__.get("_omnimamba_fused_in_proj_stamp") != (id(cached), stamp):
-        for layer, buffer in zip(layers, cached):
-            linear = layer.mixer.in_proj
-            buffer[linear.weight.shape[0] :].copy_(torch.cat([linear.task_adapters[t].down.weight for t in TASKS]))
-        model.__dict__["_omnimamba_fused_in_proj_stamp"] = (id(cached), stamp)
+    # the adapters' rows are copies, refreshed on every call with one multi-tensor copy: a weight changed through
+    # `.data` leaves no trace (no `_version` bump) to test for
+    rows, weights = [], []
+    for layer, buffer in zip(layers, cached):
+        linear = layer.mixer.in_proj
+        start = linear.weight.shape[0]
+        for t in TASKS:
+            down = linear.task_adapters[t].down.weight
+            rows.append(buffer[start : start + down.shape[0]])
+            weights.append(down)
+            start += down.shape[0]
+    torch._foreach_copy_(rows, weights)
     return cached
+
+
+@torch.no_grad()
+def ssm_decay_rates(model) -> list[torch.Tensor]:
+    """Per layer `A = -exp(A_log)` in float32, in buffers that never move (captured graphs read them), recomputed in
+    place on every call with three multi-tensor ops. Cached on the model, shared by decoders and prefills; new buffers
+    only when the model moved to another device."""
+    logs = [layer.mixer.A_log for layer in model.model.language_model.layers]
+    rates = model.__dict__.get("_omnimamba_ssm_decay_rates")
+    if rates is None or rates[0].device != logs[0].device:
+        rates = [torch.empty(p.shape, device=p.device, dtype=torch.float32) for p in logs]
+        model.__dict__["_omnimamba_ssm_decay_rates"] = rates
+    torch._foreach_copy_(rates, logs)  # the float32 cast
+    torch._foreach_exp_(rates)
+    torch._foreach_neg_(rates)
+    return rates
 
 
 @functools.cache
@@ -123,7 +143,7 @@ class OmniMambaGraphDecoder:
         self._kernels = kernels
         self._fused_in_proj = None
         if backend in ("kernels", "fused"):
-            self._A = [-torch.exp(layer.mixer.A_log.detach().float()) for layer in lm.layers]
+            self._A = ssm_decay_rates(model)
             self._fused_in_proj = fused_in_proj(model)
         if backend == "fused":
             hidden = text.hidden_size
@@ -149,8 +169,9 @@ class OmniMambaGraphDecoder:
             fused = fused_in_proj(model=self.model)
             if fused is not self._fused_in_proj:  # in_proj weights were replaced: new buffers, new graph
                 self._fused_in_proj, self._graph = fused, None
-            for A, layer in zip(self._A, self.model.model.language_model.layers):
-                A.copy_(-torch.exp(layer.mixer.A_log.float()))  # in place: the graph keeps reading this buffer
+            rates = ssm_decay_rates(self.model)  # refreshed in place: the graph reads these buffers
+            if rates is not self._A:
+                self._A, self._graph = rates, None
         for i, layer in enumerate(cache.layers):
             self.conv[i].copy_(layer.conv_states[0])
             self.ssm[i].copy_(layer.recurrent_states[0])
@@ -267,17 +288,8 @@ class OmniMambaGraphDecoder:
         return self.logits
 
     def _capture(self) -> None:
-        # warm up (compilation, autotuning, cuBLAS handles) on a side stream without disturbing the states
-        saved = (self.conv.clone(), self.ssm.clone())
-        stream = torch.cuda.Stream()
-        stream.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(stream):
-            for _ in range(3):
-                self._fn()
-        torch.cuda.current_stream().wait_stream(stream)
-        self._graph = torch.cuda.CUDAGraph()
-        with no_gc_during_capture(), torch.cuda.graph(self._graph):
-            self._fn()
+        saved = (self.conv.clone(), self.ssm.clone())  # the warm-up steps must not disturb the states
+        self._graph, _ = capture_graph(self._fn, warmup=3)
         self.conv.copy_(saved[0])
         self.ssm.copy_(saved[1])
 
@@ -288,19 +300,29 @@ class OmniMambaGraphDecoder:
             self._graph = None
 
 
-@contextlib.contextmanager
-def no_gc_during_capture():
-    """Python's cyclic garbage collector stays off while a CUDA graph is captured. Dropped decoders and prefill graphs
-    sit in reference cycles with the model; collected mid-capture, their CUDAGraph destructors invalidate the capture
-    ("operation not permitted when stream is capturing"; seen on the H100 when a batch-8 decoder was captured right
-    after `reset_graph_decoders()`). torch.cuda.graph no longer runs gc.collect() itself."""
+def capture_graph(fn, pool=None, warmup: int = 3):
+    """Run `fn` `warmup` times on a side stream (compilation, autotuning, cuBLAS handles), then capture it in a CUDA
+    graph (memory from `pool` if given); returns `(graph, fn's outputs)`. Python's cyclic garbage collector stays off
+    during the capture: dropped decoders and prefill graphs sit in reference cycles with the model, and collected
+    mid-capture their CUDAGraph destructors invalidate it ("operation not permitted when stream is capturing"; seen on
+    the H100 when a batch-8 decoder was captured right after `reset_graph_decoders()`). torch.cuda.graph no longer
+    runs gc.collect() itself."""
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        for _ in range(warmup):
+            fn()
+    torch.cuda.current_stream().wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
     enabled = gc.isenabled()
     gc.disable()
     try:
-        yield
+        with torch.cuda.graph(graph, pool=pool):
+            out = fn()
     finally:
         if enabled:
             gc.enable()
+    return graph, out
 
 
 def _layer_step(
@@ -353,4 +375,4 @@ def _rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor
     return x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + eps) * weight.float()
 
 
-__all__ = ["OmniMambaGraphDecoder", "no_gc_during_capture"]
+__all__ = ["OmniMambaGraphDecoder", "capture_graph", "fused_in_proj", "ssm_decay_rates"]

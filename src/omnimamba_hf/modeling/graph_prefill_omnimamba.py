@@ -22,7 +22,7 @@ import torch
 import torch.nn.functional as F
 from transformers import DynamicCache
 
-from .graph_decode_omnimamba import fused_in_proj, mamba_kernels_for_decode, no_gc_during_capture
+from .graph_decode_omnimamba import capture_graph, fused_in_proj, mamba_kernels_for_decode, ssm_decay_rates
 from .mixer_omnimamba import TASKS
 
 MIN_CHUNK = 64
@@ -38,20 +38,6 @@ def chunk_lengths(length: int, min_chunk: int = MIN_CHUNK) -> list[int]:
             length -= c
         c //= 2
     return out + ([length] if length else [])
-
-
-def _capture(fn, pool):
-    """Warm `fn` up on a side stream (compilation, autotuning), then capture it; returns (graph, its outputs)."""
-    stream = torch.cuda.Stream()
-    stream.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(stream):
-        for _ in range(2):
-            fn()
-    torch.cuda.current_stream().wait_stream(stream)
-    graph = torch.cuda.CUDAGraph()
-    with no_gc_during_capture(), torch.cuda.graph(graph, pool=pool):
-        out = fn()
-    return graph, out
 
 
 class OmniMambaGraphPrefill:
@@ -88,8 +74,7 @@ class OmniMambaGraphPrefill:
         self._kernels = mamba_kernels_for_decode() if self.device.type == "cuda" else None
         self._fused = fused_in_proj(model) if self._kernels is not None else None
         self._conv_width = lm.layers[0].mixer.conv_kernel_size
-        self._A = [torch.zeros(l.mixer.num_heads, device=self.device) for l in lm.layers]  # -exp(A_log), float32
-        self._A_stamp = None
+        self._A = ssm_decay_rates(model) if self._kernels is not None else None
 
     def _run_chunk(self, embeds, mask):
         # chunks shorter than the conv window (remainders of 1-3 positions) take the mixer's own continuation path
@@ -157,7 +142,7 @@ class OmniMambaGraphPrefill:
             graph, logits = None, None
             if self.use_graph:
                 saved = [(c.clone(), s.clone()) for c, s in self._states]  # warm-up must not disturb a prefill
-                graph, logits = _capture(lambda: self._run_chunk(embeds, mask), self._pool)
+                graph, logits = capture_graph(lambda: self._run_chunk(embeds, mask), self._pool, warmup=2)
                 for (c, s), (c0, s0) in zip(self._states, saved):
                     c.copy_(c0)
                     s.copy_(s0)
@@ -179,14 +164,10 @@ class OmniMambaGraphPrefill:
             raise ValueError(f"This prefill was built for batch size {self.batch_size}, got {inputs_embeds.shape[0]}.")
         if self._fused is not None:
             fused = fused_in_proj(self.model)  # refreshes the adapters' rows; new buffers if weights were replaced
-            if fused is not self._fused:
-                self._fused, self._chunks = fused, {}
-            logs = [layer.mixer.A_log for layer in self.model.model.language_model.layers]
-            stamp = [(p.data_ptr(), p._version) for p in logs]
-            if stamp != self._A_stamp:  # in place: the graphs read these buffers
-                for A, A_log in zip(self._A, logs):
-                    A.copy_(-torch.exp(A_log.detach().float()))
-                self._A_stamp = stamp
+            rates = ssm_decay_rates(self.model)  # refreshed in place: the graphs read these buffers
+            if fused is not self._fused or rates is not self._A:  # new buffers: the graphs must be captured again
+                self.release()
+                self._fused, self._A = fused, rates
         for c, s in self._states:
             c.zero_()
             s.zero_()
@@ -214,7 +195,7 @@ class OmniMambaGraphVision:
         size = config.vision_config.image_size
         param = model.model.projector.linear_1.weight
         self.pixels = torch.zeros(n_images, 2, 3, size, size, device=param.device, dtype=param.dtype)
-        self.graph, self.features = _capture(lambda: model.model.get_image_features(self.pixels), None)
+        self.graph, self.features = capture_graph(lambda: model.model.get_image_features(self.pixels), warmup=2)
 
     def release(self) -> None:
         self.graph.reset()

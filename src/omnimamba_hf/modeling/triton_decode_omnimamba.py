@@ -14,7 +14,7 @@ at 1.7–2.2 TB/s (docs/BENCHMARKS.md). Here one block is:
 
 The final norm + head use kernel 1 again. Precision: float32 accumulation everywhere; the states are updated in place.
 Semantics are those of `OmniMambaMixer._step` / `graph_decode_omnimamba._layer_step` (spec §3.2–3.4); the tests
-check the fused step against them (tests/test_graph_decode.py on CPU through the Triton interpreter, tests/gpu).
+check the fused step against them (tests/test_fused_decode.py on CPU through the Triton interpreter, tests/gpu).
 
 A subtlety (why kernel 3 finishes kernel 2's work): the conv state of the B and C channels is shared by all heads of
 a group, so no head program may overwrite it while others may still read it. Kernel 2 writes the new B/C inputs to a
