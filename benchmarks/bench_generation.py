@@ -20,6 +20,7 @@ contexts 256, 2k, 8k and 16k (prefill to that length, then time decode steps) an
 import argparse
 import gc
 import json
+import os
 import platform
 import sys
 import time
@@ -326,6 +327,9 @@ def main(argv=None):
     parser.add_argument("--original", default=None, metavar="PATH",
                         help="checkout of the original OmniMamba code: also time its own CUDA-graph decode (cg=True) "
                              "in the same run")  # fmt: skip
+    parser.add_argument("--original-without-causal-conv1d", action="store_true",
+                        help="with --original: also time it with causal-conv1d hidden (a subprocess), the "
+                             "configuration of the issue's reference figures")  # fmt: skip
     args = parser.parse_args(argv)
     if args.original:  # fail before the long run, not after it
         from bench_original_decode import check_requirements
@@ -394,9 +398,45 @@ def main(argv=None):
 
             traceback.print_exc()
             results["original"] = {"error": repr(e)}
+        if args.original_without_causal_conv1d:
+            results["original_without_causal_conv1d"] = original_in_subprocess(args.original, args.dtype, args.tiny)
     if "omnimamba" in results:
         summary(results)
     save()
+
+
+def original_in_subprocess(path: str, dtype: str, tiny: bool) -> dict:
+    """bench_original_decode.py --without-causal-conv1d in a fresh process (this one has imported causal-conv1d)."""
+    import subprocess
+    import tempfile
+
+    with tempfile.TemporaryDirectory() as tmp:
+        out = os.path.join(tmp, "original.json")
+        cmd = [sys.executable, os.path.join(os.path.dirname(os.path.abspath(__file__)), "bench_original_decode.py"),
+               "--original", path, "--dtype", dtype, "--without-causal-conv1d", "--out", out] + (["--tiny"] if tiny else [])  # fmt: skip
+        run = subprocess.run(cmd)
+        if run.returncode != 0 or not os.path.exists(out):
+            return {"error": f"exit status {run.returncode}"}
+        with open(out) as f:
+            return json.load(f)[dtype]
+
+
+def vs_original(orig: dict, o: dict, m: dict, label: str) -> None:
+    """Print the speed-ups over one measurement of the original's CUDA-graph decode."""
+    if "t2i_b1" in orig and "t2i_b1" in o:
+        ot, t = orig["t2i_b1"], o["t2i_b1"]
+        x_step = ot["ms_per_token_decode"] / t["ms_per_step_graph"]
+        x_gen = ot["ms_per_token_call"] / t["ms_per_token_generate"]
+        print(f"vs the original's CUDA-graph decode{label}: T2I {ot['ms_per_token_decode']:.2f} ms/token -> "
+              f"{x_step:.2f}x faster (ours step {t['ms_per_step_graph']:.3f} ms); "
+              f"{ot['s_per_image']:.3f} s/image -> {x_gen:.2f}x faster "
+              f"(ours generate() {t['s_per_image']:.3f} s/image, {t['ms_per_token_generate']:.2f} ms/token)")  # fmt: skip
+    if "mmu_b1" in orig:
+        om = orig["mmu_b1"]["ms_per_token_decode"]
+        print(f"vs the original's CUDA-graph decode{label}: MMU {om:.2f} ms/token -> "
+              f"{om / m['ms_per_step_graph']:.2f}x faster (ours step {m['ms_per_step_graph']:.3f} ms), "
+              f"{om / m['ms_per_token_generate']:.2f}x "
+              f"(ours generate() {m['ms_per_token_generate']:.3f} ms/token)")  # fmt: skip
 
 
 def summary(r):
@@ -413,21 +453,8 @@ def summary(r):
     print(f"MMU b1: image+prefill {m['image_plus_prefill_ms']:.1f} ms for {m['prompt_positions']} positions; "
           f"{m['ms_per_step_graph']:.3f} ms/step = {m['step_over_floor']:.2f}x floor; "
           f"{m['ms_per_token_generate']:.3f} ms/token in generate() = {m['generate_over_floor']:.2f}x floor")  # fmt: skip
-    orig = r.get("original", {})
-    if "t2i_b1" in orig and "t2i_b1" in o:
-        ot, t = orig["t2i_b1"], o["t2i_b1"]
-        x_step = ot["ms_per_token_decode"] / t["ms_per_step_graph"]
-        x_gen = ot["ms_per_token_call"] / t["ms_per_token_generate"]
-        print(f"vs the original's CUDA-graph decode: T2I {ot['ms_per_token_decode']:.2f} ms/token -> "
-              f"{x_step:.2f}x faster (ours step {t['ms_per_step_graph']:.3f} ms); "
-              f"{ot['s_per_image']:.3f} s/image -> {x_gen:.2f}x faster "
-              f"(ours generate() {t['s_per_image']:.3f} s/image, {t['ms_per_token_generate']:.2f} ms/token)")  # fmt: skip
-    if "mmu_b1" in orig:
-        om = orig["mmu_b1"]["ms_per_token_decode"]
-        print(f"vs the original's CUDA-graph decode: MMU {om:.2f} ms/token -> "
-              f"{om / m['ms_per_step_graph']:.2f}x faster (ours step {m['ms_per_step_graph']:.3f} ms), "
-              f"{om / m['ms_per_token_generate']:.2f}x "
-              f"(ours generate() {m['ms_per_token_generate']:.3f} ms/token)")  # fmt: skip
+    for key, label in (("original", ""), ("original_without_causal_conv1d", " (causal-conv1d hidden)")):
+        vs_original(r.get(key, {}), o, m, label)
     ours = m["ms_per_step_graph"]
     if "mamba2_generic" in r:
         g = r["mamba2_generic"]["ms_per_token"]

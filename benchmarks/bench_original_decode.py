@@ -25,6 +25,9 @@ CUDA-graph capture). Greedy (`top_k=1`), batch 1, no EOS, so every call generate
   `scripts/inference_mmu.py` builds them, then `generate(..., cg=True, task="mmu")` for N and for 1 new tokens.
   ms per token = (T(N) - T(1)) / (N - 1), so the image encoding and the prefill are excluded; T(1) is reported too.
 
+`--without-causal-conv1d` hides causal-conv1d from the process (imports of it fail, so mamba-ssm falls back to its
+PyTorch conv code): the configuration the issue's reference figures were measured in (3.70 ms per T2I token in bf16).
+
 Needs a CUDA GPU and the original's stack (mamba-ssm with causal-conv1d, timm, torchvision, einops, PyYAML). Importing
 this module imports neither the original nor mamba-ssm. One size (full or tiny) per process: the harness's run-time
 patches are size-specific.
@@ -47,6 +50,25 @@ import torch
 
 REPO = Path(__file__).resolve().parents[1]
 REQUIRED = ("mamba_ssm", "causal_conv1d", "timm", "torchvision", "einops", "yaml")
+HIDDEN = ("causal_conv1d", "causal_conv1d_cuda")
+
+
+class _HideModules:
+    """A meta-path finder under which `import causal_conv1d` (and its CUDA extension) raises ImportError, as if the
+    package were not installed; mamba-ssm catches that and uses its PyTorch conv fallback."""
+
+    def find_spec(self, name, path=None, target=None):
+        if name.split(".")[0] in HIDDEN:
+            raise ImportError(f"{name} hidden by --without-causal-conv1d")
+        return None
+
+
+def hide_causal_conv1d() -> None:
+    """Make causal-conv1d unimportable in this process (before mamba-ssm is imported)."""
+    if any(m.split(".")[0] in HIDDEN for m in sys.modules):
+        raise RuntimeError("--without-causal-conv1d: causal_conv1d is already imported in this process")
+    if not any(isinstance(f, _HideModules) for f in sys.meta_path):
+        sys.meta_path.insert(0, _HideModules())
 _PATCHED: dict = {}  # (original path, size) -> the harness's patched modules (patches are applied once per process)
 
 
@@ -56,7 +78,8 @@ def check_requirements(original_path) -> Path:
     if not (path / "models" / "omnimamba.py").is_file() or not (path / "config" / "config_stage2.yaml").is_file():
         raise FileNotFoundError(f"--original {original_path}: not a checkout of hustvl/OmniMamba "
                                 "(models/omnimamba.py and config/config_stage2.yaml expected)")  # fmt: skip
-    missing = [m for m in REQUIRED if importlib.util.find_spec(m) is None]
+    hidden = any(isinstance(f, _HideModules) for f in sys.meta_path)
+    missing = [m for m in REQUIRED if not (hidden and m in HIDDEN) and importlib.util.find_spec(m) is None]
     if not torch.cuda.is_available() or missing:
         why = ([] if torch.cuda.is_available() else ["no CUDA GPU"]) + [f"{m} is not installed" for m in missing]
         raise RuntimeError("timing the original OmniMamba's CUDA-graph decode (cg=True) needs a CUDA GPU and mamba-ssm "
@@ -116,9 +139,10 @@ def time_original(mods, model, size: str, device, cg: bool = True, repeat: int =
             times.append(time.perf_counter() - t)
         return statistics.median(times)
 
-    tag = f"original (cg={cg}, {str(dtype).replace('torch.', '')}, {size})"
+    no_cc1d = any(isinstance(f, _HideModules) for f in sys.meta_path)
+    tag = f"original (cg={cg}, {str(dtype).replace('torch.', '')}, {size}{', no causal-conv1d' if no_cc1d else ''})"
     out = {"size": size, "dtype": str(dtype), "cg": cg, "batch": 1, "repeat": repeat,
-           "device": torch.cuda.get_device_name() if device.type == "cuda" else "cpu",
+           "device": torch.cuda.get_device_name() if device.type == "cuda" else "cpu", "causal_conv1d": not no_cc1d,
            "parameters": sum(p.numel() for p in model.parameters()),
            "env": {k: os.environ.get(k) for k in ("MAMBA_DETERMINISTIC", "TRITON_F32_DEFAULT")}}  # fmt: skip
 
@@ -215,7 +239,11 @@ def main(argv=None) -> int:
     ap.add_argument("--dtype", default="bfloat16", help="comma-separated: bfloat16, float16, float32")
     ap.add_argument("--tiny", action="store_true", help="the parity harness's tiny size instead of the full 1.3B")
     ap.add_argument("--out", default=None, help="write the numbers as JSON here")
+    ap.add_argument("--without-causal-conv1d", action="store_true",
+                    help="hide causal-conv1d (the configuration of the issue's reference figures)")  # fmt: skip
     args = ap.parse_args(argv)
+    if args.without_causal_conv1d:
+        hide_causal_conv1d()
     dtypes = [d.strip() for d in args.dtype.split(",") if d.strip()]
     if bad := [d for d in dtypes if not isinstance(getattr(torch, d, None), torch.dtype)]:
         ap.error(f"unknown dtype(s): {bad}")

@@ -74,11 +74,14 @@ class OmniMambaGraphPrefill:
         self._kernels = mamba_kernels_for_decode() if self.device.type == "cuda" else None
         self._fused = fused_in_proj(model) if self._kernels is not None else None
         self._conv_width = lm.layers[0].mixer.conv_kernel_size
+        # causal-conv1d takes initial states only in channel-last layout with strides that are multiples of 8
+        self._conv_dim_ok = lm.layers[0].mixer.conv_dim % 8 == 0
         self._A = ssm_decay_rates(model) if self._kernels is not None else None
 
     def _run_chunk(self, embeds, mask):
         # chunks shorter than the conv window (remainders of 1-3 positions) take the mixer's own continuation path
-        if self._kernels is not None and mask is None and embeds.shape[1] >= self._conv_width:
+        # (and models whose conv width in channels is not a multiple of 8, see _run_chunk_kernels)
+        if self._kernels is not None and mask is None and embeds.shape[1] >= self._conv_width and self._conv_dim_ok:
             return self._run_chunk_kernels(embeds)
         lm = self.model.model.language_model
         hidden, _ = lm(embeds, self.task, self.cache, mask, False)
@@ -109,6 +112,8 @@ class OmniMambaGraphPrefill:
             ).view(batch, length, width)  # fmt: skip
             z, xBC, dt = zxbcdt.split([m.intermediate_size, m.conv_dim, m.num_heads], dim=-1)
             xt = xBC.transpose(1, 2)  # channel-last [B, C, L], as causal-conv1d wants it with initial states
+            if xt.stride(0) % 8 or xt.stride(2) % 8:  # in_proj rows not a multiple of 8 (e.g. the demo's model)
+                xt = xBC.contiguous().transpose(1, 2)
             initial = conv_state[..., 1:].transpose(1, 2).contiguous().transpose(1, 2)
             last = xt[..., -m.conv_kernel_size :]  # the new conv state (chunks here are at least the window long)
             xBC = k.conv1d_fn(xt, m.conv1d.weight.squeeze(1), m.conv1d.bias, initial_states=initial, activation="silu")
