@@ -10,7 +10,6 @@ acceptance numbers of the full demo are measured, not asserted here (docs/DEMO.m
 from __future__ import annotations
 
 import json
-import re
 import time
 
 import numpy as np
@@ -142,99 +141,15 @@ def test_describe_without_demo_model_explains(tmp_path, monkeypatch):
 # ---- conversion round trip ---------------------------------------------------------------------------------------------
 
 
-def _to_original_layout(model) -> dict[str, torch.Tensor]:
-    """The demo model under the original release's names (a full `OmniMamba.state_dict()`): the LM / projector through
-    the converter's own reverse table, the towers back to timm names, the VQ back to LlamaGen names."""
-    from omnimamba_hf.conversion.convert_omnimamba_weights_to_hf import hf_key_to_original
-    from omnimamba_hf.conversion.vq_llamagen import LLAMAGEN_VQ_RENAMES
-
-    sd = {k: v.detach().clone() for k, v in model.state_dict().items()}
-    out = {}
-    vq_inverse = [
-        (r"^encoder\.down\.(\d+)\.block\.(\d+)\.", r"encoder.conv_blocks.\1.res.\2."),
-        (r"^encoder\.down\.(\d+)\.attn\.(\d+)\.", r"encoder.conv_blocks.\1.attn.\2."),
-        (r"^encoder\.down\.(\d+)\.downsample\.", r"encoder.conv_blocks.\1.downsample."),
-        (r"^decoder\.up\.(\d+)\.block\.(\d+)\.", r"decoder.conv_blocks.\1.res.\2."),
-        (r"^decoder\.up\.(\d+)\.attn\.(\d+)\.", r"decoder.conv_blocks.\1.attn.\2."),
-        (r"^decoder\.up\.(\d+)\.upsample\.", r"decoder.conv_blocks.\1.upsample."),
-        (r"^(encoder|decoder)\.mid\.block_1\.", r"\1.mid.0."),
-        (r"^(encoder|decoder)\.mid\.attn_1\.", r"\1.mid.1."),
-        (r"^(encoder|decoder)\.mid\.block_2\.", r"\1.mid.2."),
-    ]
-    assert len(vq_inverse) == len(LLAMAGEN_VQ_RENAMES)
-    dino_prefix, siglip_prefix = "vision_backbone.dino_featurizer.", "vision_backbone.siglip_featurizer."
-    for key, value in sd.items():
-        if key.startswith("model.vqmodel."):
-            k = key[len("model.vqmodel.") :]
-            for pattern, repl in vq_inverse:
-                k, n = re.subn(pattern, repl, k)
-                if n:
-                    break
-            out["llm_backbone.vqvae." + k] = value
-        elif key.startswith("model.vision_model."):
-            continue  # below
-        else:
-            original = hf_key_to_original(key)
-            assert original is not None, key
-            out[original] = value
-    vm = "model.vision_model."
-    # DINOv2 (timm names); the class position row and mask token have no timm counterpart (zero in the demo model)
-    e = vm + "dino.embeddings."
-    assert torch.equal(sd[e + "position_embeddings"][:, 0], torch.zeros_like(sd[e + "position_embeddings"][:, 0]))
-    assert not sd[e + "mask_token"].any()
-    dino = {
-        "cls_token": sd[e + "cls_token"], "reg_token": sd[e + "register_tokens"],
-        "pos_embed": sd[e + "position_embeddings"][:, 1:], "patch_embed.proj.weight": sd[e + "patch_embeddings.projection.weight"],
-        "patch_embed.proj.bias": sd[e + "patch_embeddings.projection.bias"],
-        "norm.weight": sd[vm + "dino.layernorm.weight"], "norm.bias": sd[vm + "dino.layernorm.bias"],
-    }  # fmt: skip
-    for i in range(model.config.vision_config.dino_config.num_hidden_layers):
-        d, s = f"{vm}dino.encoder.layer.{i}.", f"blocks.{i}."
-        for kind in ("weight", "bias"):
-            dino[f"{s}attn.qkv.{kind}"] = torch.cat([sd[f"{d}attention.{p}_proj.{kind}"] for p in "qkv"])
-            for a, b in (("norm1", "norm1"), ("attention.o_proj", "attn.proj"), ("norm2", "norm2"), ("mlp.fc1", "mlp.fc1"), ("mlp.fc2", "mlp.fc2")):
-                dino[f"{s}{b}.{kind}"] = sd[f"{d}{a}.{kind}"]
-        dino[f"{s}ls1.gamma"] = sd[f"{d}layer_scale1.lambda1"]
-        dino[f"{s}ls2.gamma"] = sd[f"{d}layer_scale2.lambda1"]
-    out.update({dino_prefix + k: v for k, v in dino.items()})
-    e = vm + "siglip."
-    siglip = {
-        "patch_embed.proj.weight": sd[e + "embeddings.patch_embedding.weight"], "patch_embed.proj.bias": sd[e + "embeddings.patch_embedding.bias"],
-        "pos_embed": sd[e + "embeddings.position_embedding.weight"][None],
-        "norm.weight": sd[e + "post_layernorm.weight"], "norm.bias": sd[e + "post_layernorm.bias"],
-    }  # fmt: skip
-    for i in range(model.config.vision_config.siglip_config.num_hidden_layers):
-        d, s = f"{e}encoder.layers.{i}.", f"blocks.{i}."
-        for kind in ("weight", "bias"):
-            siglip[f"{s}attn.qkv.{kind}"] = torch.cat([sd[f"{d}self_attn.{p}_proj.{kind}"] for p in "qkv"])
-            for a, b in (("layer_norm1", "norm1"), ("self_attn.out_proj", "attn.proj"), ("layer_norm2", "norm2"), ("mlp.fc1", "mlp.fc1"), ("mlp.fc2", "mlp.fc2")):
-                siglip[f"{s}{b}.{kind}"] = sd[f"{d}{a}.{kind}"]
-    if any(k.startswith(e + "head.") for k in sd):
-        h = e + "head."
-        width = sd[h + "attention.in_proj_weight"].shape[1]
-        siglip.update({
-            "attn_pool.latent": sd[h + "probe"],
-            "attn_pool.q.weight": sd[h + "attention.in_proj_weight"][:width], "attn_pool.kv.weight": sd[h + "attention.in_proj_weight"][width:],
-            "attn_pool.q.bias": sd[h + "attention.in_proj_bias"][:width], "attn_pool.kv.bias": sd[h + "attention.in_proj_bias"][width:],
-        })  # fmt: skip
-        for a, b in (("attention.out_proj", "proj"), ("layernorm", "norm"), ("mlp.fc1", "mlp.fc1"), ("mlp.fc2", "mlp.fc2")):
-            for kind in ("weight", "bias"):
-                siglip[f"attn_pool.{b}.{kind}"] = sd[f"{h}{a}.{kind}"]
-    out.update({siglip_prefix + k: v for k, v in siglip.items()})
-    return out
-
-
 def test_conversion_round_trip(loaded, demo_dir, tmp_path):
     """Demo model → original release layout (one `.pth`, towers and VQ inside) → the converter → the same weights and
     the same outputs."""
     from transformers import AutoModelForImageTextToText
 
-    from omnimamba_hf.conversion import convert_omnimamba_checkpoint
+    from omnimamba_hf.conversion import convert_omnimamba_checkpoint, save_original_checkpoint
 
     model, processor = loaded
-    original = _to_original_layout(model)
-    checkpoint = tmp_path / "OmniMamba-demo.pth"
-    torch.save(original, checkpoint)
+    checkpoint = save_original_checkpoint(model, tmp_path / "OmniMamba-demo.pth")
     cfg = model.config
     out = tmp_path / "converted"
     convert_omnimamba_checkpoint(

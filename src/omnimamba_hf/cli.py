@@ -4,6 +4,7 @@
     omnimamba-hf describe IMAGE -q "…"     answer a question about an image (MMU)
     omnimamba-hf generate-image "PROMPT"   generate a 256×256 image (T2I), saved as PNG
     omnimamba-hf convert …                 original release → Hub layout (see docs/CONVERSION.md)
+    omnimamba-hf export-original DIR OUT   Hub layout → one original-layout .pth (see docs/CONVERSION.md)
     omnimamba-hf train --stage …           the two-stage recipe on Trainer (see docs/TRAINING.md)
 """
 
@@ -14,6 +15,7 @@ COMMANDS = {
     "describe": ("omnimamba_hf.demo.cli", "describe_main"),
     "generate-image": ("omnimamba_hf.demo.cli", "generate_image_main"),
     "convert": ("omnimamba_hf.conversion.convert_omnimamba_weights_to_hf", "main"),
+    "export-original": ("omnimamba_hf.conversion.export_to_original", "main"),
     "train": ("omnimamba_hf.training.cli", "train_main"),
 }
 

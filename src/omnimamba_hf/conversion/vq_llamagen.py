@@ -3,6 +3,9 @@
 Key renaming per ORIGINAL-SPEC §6.4.3 / Appendix B (LlamaGen → Janus layout); `quantize.codebook_used` (a
 training-only usage buffer, §6.2) is dropped. The conversion is strict: every source key is consumed exactly once,
 every target key of `OmniMambaVQVAE(config).state_dict()` is produced exactly once, and shapes must match.
+
+The reverse direction (`convert_vq_state_dict_to_llamagen`, used by `export_to_original`) renames with
+`LLAMAGEN_VQ_INVERSE_RENAMES`, derived rule by rule from `LLAMAGEN_VQ_RENAMES`.
 """
 
 from __future__ import annotations
@@ -30,6 +33,40 @@ LLAMAGEN_VQ_RENAMES: tuple[tuple[str, str], ...] = (
 
 # Source keys consumed without a target. Optional: LlamaGen's own `vq_ckpt` path pops it before loading (§1.9).
 LLAMAGEN_VQ_DROPPED_KEYS: frozenset[str] = frozenset({"quantize.codebook_used"})
+# LlamaGen's `VectorQuantizer(show_usage=True)` registers `codebook_used = zeros(65536)` whatever the codebook size.
+LLAMAGEN_CODEBOOK_USED_SIZE = 65536
+
+
+def _invert_rename(pattern: str, replacement: str) -> tuple[str, str]:
+    r"""The inverse of one renaming rule, derived from it. Supported (all the table uses): a pattern of `^`, literal
+    characters, escaped punctuation (`\.`) and non-nested groups; a replacement of text and `\N` references, each
+    group referenced once. The replacement, escaped, with each `\N` put back as the N-th group, is the inverse's
+    pattern; the pattern, unescaped, with each group replaced by a reference to it, is the inverse's replacement."""
+    tokens = re.findall(r"\((?:[^()\\]|\\.)*\)|\\\W|[\w-]|.", pattern)
+    groups = [t for t in tokens if t.startswith("(")]
+    pieces = re.split(r"\\(\d)", replacement)  # text, group number, text, ..., text
+    refs = [int(n) for n in pieces[1::2]]
+    if (
+        tokens[:1] != ["^"]
+        or any(len(t) == 1 and not re.fullmatch(r"[\w-]", t) for t in tokens[1:])
+        or any("\\" in text for text in pieces[::2])
+        or sorted(refs) != list(range(1, len(groups) + 1))
+    ):
+        raise ValueError(f"cannot derive the inverse of the renaming rule {pattern!r} -> {replacement!r}")
+    inverse_pattern = "^" + "".join(groups[int(x) - 1] if i % 2 else re.escape(x) for i, x in enumerate(pieces))
+    place = {n: i + 1 for i, n in enumerate(refs)}  # group n of `pattern` is group place[n] of the inverse pattern
+    groups_seen, out = 0, []
+    for token in tokens[1:]:
+        if token.startswith("("):
+            groups_seen += 1
+            out.append(f"\\{place[groups_seen]}")
+        else:
+            out.append(token[-1])  # `\.` -> `.`
+    return inverse_pattern, "".join(out)
+
+
+# `OmniMambaVQVAE` → LlamaGen names: the inverse of each rule of `LLAMAGEN_VQ_RENAMES`, in the same order.
+LLAMAGEN_VQ_INVERSE_RENAMES: tuple[tuple[str, str], ...] = tuple(_invert_rename(p, r) for p, r in LLAMAGEN_VQ_RENAMES)
 
 _MAX_NAMED = 20
 
@@ -37,6 +74,15 @@ _MAX_NAMED = 20
 def rename_llamagen_vq_key(key: str) -> str:
     """The `OmniMambaVQVAE` name of one LlamaGen VQ key (unchanged where no rule applies)."""
     for pattern, replacement in LLAMAGEN_VQ_RENAMES:
+        new, n = re.subn(pattern, replacement, key)
+        if n:
+            return new
+    return key
+
+
+def llamagen_name_of_vq_key(key: str) -> str:
+    """The LlamaGen name of one `OmniMambaVQVAE` key (the inverse of `rename_llamagen_vq_key`)."""
+    for pattern, replacement in LLAMAGEN_VQ_INVERSE_RENAMES:
         new, n = re.subn(pattern, replacement, key)
         if n:
             return new
@@ -102,10 +148,44 @@ def convert_llamagen_vq_state_dict(sd: Mapping, config) -> dict:
     return {k: out[k] for k in target}  # target (module) order
 
 
+def convert_vq_state_dict_to_llamagen(sd: Mapping, config, *, codebook_used: bool = True) -> dict:
+    """Inverse of `convert_llamagen_vq_state_dict`: an `OmniMambaVQVAE(config)` state dict → LlamaGen VQ names (as
+    in `vq_ds16_t2i.pt["model"]` or an OmniMamba checkpoint's `llm_backbone.vqvae.*`). Tensors are passed through.
+
+    With `codebook_used` (default) LlamaGen's usage buffer is added as `zeros(65536)`, the value of a fresh LlamaGen
+    module (its training statistics are not kept by the HF model), so that the result loads strictly into LlamaGen's
+    `VQModel`. Raises `ValueError` naming the keys when `sd` does not match `OmniMambaVQVAE(config)`.
+    """
+    config = getattr(config, "vq_config", config)
+    with torch.device("meta"):
+        target = {k: tuple(v.shape) for k, v in OmniMambaVQVAE(config).state_dict().items()}
+    problems = []
+    if missing := [k for k in target if k not in sd]:
+        problems.append(f"missing keys: {_names(missing)}")
+    if unexpected := [k for k in sd if k not in target]:
+        problems.append(f"unexpected keys (not in OmniMambaVQVAE): {_names(unexpected)}")
+    mismatched = [f"{k}: {tuple(sd[k].shape)} vs expected {t}" for k, t in target.items() if k in sd and sd[k].shape != t]
+    if mismatched:
+        problems.append(f"shape mismatches: {_names(mismatched)}")
+    # the derived inverse table must really invert the forward one (guards against a new forward rule)
+    if unnamed := [k for k in target if rename_llamagen_vq_key(llamagen_name_of_vq_key(k)) != k]:
+        problems.append(f"keys without a LlamaGen name (the inverse renaming does not invert): {_names(unnamed)}")
+    if problems:
+        raise ValueError("OmniMambaVQVAE → LlamaGen VQ export failed:\n  " + "\n  ".join(problems))
+    out = {llamagen_name_of_vq_key(k): sd[k] for k in target}
+    if codebook_used:
+        out["quantize.codebook_used"] = torch.zeros(LLAMAGEN_CODEBOOK_USED_SIZE)
+    return out
+
+
 __all__ = [
     "convert_llamagen_vq_state_dict",
+    "convert_vq_state_dict_to_llamagen",
+    "llamagen_name_of_vq_key",
     "unwrap_llamagen_checkpoint",
     "rename_llamagen_vq_key",
     "LLAMAGEN_VQ_RENAMES",
     "LLAMAGEN_VQ_DROPPED_KEYS",
+    "LLAMAGEN_VQ_INVERSE_RENAMES",
+    "LLAMAGEN_CODEBOOK_USED_SIZE",
 ]
