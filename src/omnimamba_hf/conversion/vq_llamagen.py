@@ -5,7 +5,7 @@ training-only usage buffer, §6.2) is dropped. The conversion is strict: every s
 every target key of `OmniMambaVQVAE(config).state_dict()` is produced exactly once, and shapes must match.
 
 The reverse direction (`convert_vq_state_dict_to_llamagen`, used by `export_to_original`) renames with
-`LLAMAGEN_VQ_INVERSE_RENAMES`, derived rule by rule from `LLAMAGEN_VQ_RENAMES`.
+`LLAMAGEN_VQ_INVERSE_RENAMES`, the rule-by-rule inverse of `LLAMAGEN_VQ_RENAMES`.
 """
 
 from __future__ import annotations
@@ -37,56 +37,40 @@ LLAMAGEN_VQ_DROPPED_KEYS: frozenset[str] = frozenset({"quantize.codebook_used"})
 LLAMAGEN_CODEBOOK_USED_SIZE = 65536
 
 
-def _invert_rename(pattern: str, replacement: str) -> tuple[str, str]:
-    r"""The inverse of one renaming rule, derived from it. Supported (all the table uses): a pattern of `^`, literal
-    characters, escaped punctuation (`\.`) and non-nested groups; a replacement of text and `\N` references, each
-    group referenced once. The replacement, escaped, with each `\N` put back as the N-th group, is the inverse's
-    pattern; the pattern, unescaped, with each group replaced by a reference to it, is the inverse's replacement."""
-    tokens = re.findall(r"\((?:[^()\\]|\\.)*\)|\\\W|[\w-]|.", pattern)
-    groups = [t for t in tokens if t.startswith("(")]
-    pieces = re.split(r"\\(\d)", replacement)  # text, group number, text, ..., text
-    refs = [int(n) for n in pieces[1::2]]
-    if (
-        tokens[:1] != ["^"]
-        or any(len(t) == 1 and not re.fullmatch(r"[\w-]", t) for t in tokens[1:])
-        or any("\\" in text for text in pieces[::2])
-        or sorted(refs) != list(range(1, len(groups) + 1))
-    ):
-        raise ValueError(f"cannot derive the inverse of the renaming rule {pattern!r} -> {replacement!r}")
-    inverse_pattern = "^" + "".join(groups[int(x) - 1] if i % 2 else re.escape(x) for i, x in enumerate(pieces))
-    place = {n: i + 1 for i, n in enumerate(refs)}  # group n of `pattern` is group place[n] of the inverse pattern
-    groups_seen, out = 0, []
-    for token in tokens[1:]:
-        if token.startswith("("):
-            groups_seen += 1
-            out.append(f"\\{place[groups_seen]}")
-        else:
-            out.append(token[-1])  # `\.` -> `.`
-    return inverse_pattern, "".join(out)
-
-
 # `OmniMambaVQVAE` → LlamaGen names: the inverse of each rule of `LLAMAGEN_VQ_RENAMES`, in the same order.
-LLAMAGEN_VQ_INVERSE_RENAMES: tuple[tuple[str, str], ...] = tuple(_invert_rename(p, r) for p, r in LLAMAGEN_VQ_RENAMES)
+# A rule missing here leaves a key in HF names: tests/test_export_original.py round-trips a LlamaGen state dict and
+# compares the 1.3B export with the original's key table.
+LLAMAGEN_VQ_INVERSE_RENAMES: tuple[tuple[str, str], ...] = (
+    (r"^encoder\.down\.(\d+)\.block\.(\d+)\.", r"encoder.conv_blocks.\1.res.\2."),
+    (r"^encoder\.down\.(\d+)\.attn\.(\d+)\.", r"encoder.conv_blocks.\1.attn.\2."),
+    (r"^encoder\.down\.(\d+)\.downsample\.", r"encoder.conv_blocks.\1.downsample."),
+    (r"^decoder\.up\.(\d+)\.block\.(\d+)\.", r"decoder.conv_blocks.\1.res.\2."),
+    (r"^decoder\.up\.(\d+)\.attn\.(\d+)\.", r"decoder.conv_blocks.\1.attn.\2."),
+    (r"^decoder\.up\.(\d+)\.upsample\.", r"decoder.conv_blocks.\1.upsample."),
+    (r"^(encoder|decoder)\.mid\.block_1\.", r"\1.mid.0."),
+    (r"^(encoder|decoder)\.mid\.attn_1\.", r"\1.mid.1."),
+    (r"^(encoder|decoder)\.mid\.block_2\.", r"\1.mid.2."),
+)
 
 _MAX_NAMED = 20
 
 
-def rename_llamagen_vq_key(key: str) -> str:
-    """The `OmniMambaVQVAE` name of one LlamaGen VQ key (unchanged where no rule applies)."""
-    for pattern, replacement in LLAMAGEN_VQ_RENAMES:
+def _rename_first_match(key: str, rules: tuple[tuple[str, str], ...]) -> str:
+    for pattern, replacement in rules:
         new, n = re.subn(pattern, replacement, key)
         if n:
             return new
     return key
+
+
+def rename_llamagen_vq_key(key: str) -> str:
+    """The `OmniMambaVQVAE` name of one LlamaGen VQ key (unchanged where no rule applies)."""
+    return _rename_first_match(key, LLAMAGEN_VQ_RENAMES)
 
 
 def llamagen_name_of_vq_key(key: str) -> str:
     """The LlamaGen name of one `OmniMambaVQVAE` key (the inverse of `rename_llamagen_vq_key`)."""
-    for pattern, replacement in LLAMAGEN_VQ_INVERSE_RENAMES:
-        new, n = re.subn(pattern, replacement, key)
-        if n:
-            return new
-    return key
+    return _rename_first_match(key, LLAMAGEN_VQ_INVERSE_RENAMES)
 
 
 def unwrap_llamagen_checkpoint(obj) -> dict:
