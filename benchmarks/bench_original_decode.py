@@ -67,8 +67,14 @@ def hide_causal_conv1d() -> None:
     """Make causal-conv1d unimportable in this process (before mamba-ssm is imported)."""
     if any(m.split(".")[0] in HIDDEN for m in sys.modules):
         raise RuntimeError("--without-causal-conv1d: causal_conv1d is already imported in this process")
-    if not any(isinstance(f, _HideModules) for f in sys.meta_path):
+    if not causal_conv1d_hidden():
         sys.meta_path.insert(0, _HideModules())
+
+
+def causal_conv1d_hidden() -> bool:
+    return any(isinstance(f, _HideModules) for f in sys.meta_path)
+
+
 _PATCHED: dict = {}  # (original path, size) -> the harness's patched modules (patches are applied once per process)
 
 
@@ -78,7 +84,7 @@ def check_requirements(original_path) -> Path:
     if not (path / "models" / "omnimamba.py").is_file() or not (path / "config" / "config_stage2.yaml").is_file():
         raise FileNotFoundError(f"--original {original_path}: not a checkout of hustvl/OmniMamba "
                                 "(models/omnimamba.py and config/config_stage2.yaml expected)")  # fmt: skip
-    hidden = any(isinstance(f, _HideModules) for f in sys.meta_path)
+    hidden = causal_conv1d_hidden()
     missing = [m for m in REQUIRED if not (hidden and m in HIDDEN) and importlib.util.find_spec(m) is None]
     if not torch.cuda.is_available() or missing:
         why = ([] if torch.cuda.is_available() else ["no CUDA GPU"]) + [f"{m} is not installed" for m in missing]
@@ -139,7 +145,7 @@ def time_original(mods, model, size: str, device, cg: bool = True, repeat: int =
             times.append(time.perf_counter() - t)
         return statistics.median(times)
 
-    no_cc1d = any(isinstance(f, _HideModules) for f in sys.meta_path)
+    no_cc1d = causal_conv1d_hidden()
     tag = f"original (cg={cg}, {str(dtype).replace('torch.', '')}, {size}{', no causal-conv1d' if no_cc1d else ''})"
     out = {"size": size, "dtype": str(dtype), "cg": cg, "batch": 1, "repeat": repeat,
            "device": torch.cuda.get_device_name() if device.type == "cuda" else "cpu", "causal_conv1d": not no_cc1d,

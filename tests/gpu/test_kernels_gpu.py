@@ -286,8 +286,7 @@ def test_trained_model_bf16_kernel_path_equals_torch_path():
     graphs: graph prefill + fused Triton step, mamba-ssm kernels) vs PyTorch path (eager, kernels off): greedy MMU
     continuations for ten digit images (28 tokens: all that the demo's 56-row position table leaves, not the issue's
     64) and greedy T2I codes (16 per image) for ten captions are identical, and the per-step logits differ by < 1e-2
-    (relative). The images are the model's own fp32 T2I outputs, so no dataset is
-    needed on the device."""
+    (relative). The images are the model's own fp32 T2I outputs, so no dataset is needed on the device."""
     import PIL.Image
 
     from omnimamba_hf.processing import OmniMambaProcessor
