@@ -248,6 +248,29 @@ def test_roundtrip_forward_shapes(model, cfg):
     torch.testing.assert_close(out.decoded_pixel_values, model.decode_codes(model.encode_to_codes(x)))
 
 
+def test_forward_trains_the_encoder_like_llamagen(cfg, llamagen_sd):
+    """`forward` is LlamaGen's `VQModel.forward`: the reconstruction decodes the straight-through latent, so its loss
+    has a gradient on the encoder and `quant_conv` (Janus' forward, decoding the argmin ids, gives them none)."""
+    vq = OmniMambaVQVAE(cfg)
+    vq.load_state_dict(convert_llamagen_vq_state_dict(llamagen_sd, cfg), strict=True)
+    x = _images(cfg, n=2)
+    out = vq(x)
+    out.decoded_pixel_values.square().mean().backward()
+    for module in (vq.encoder, vq.quant_conv, vq.post_quant_conv, vq.decoder):
+        grads = [p.grad for p in module.parameters()]
+        assert all(g is not None for g in grads) and sum(g.abs().sum() for g in grads) > 0, module
+    vq.zero_grad()
+    JanusVQVAE.forward(vq, x).decoded_pixel_values.square().mean().backward()  # the control: no encoder gradient
+    assert all(p.grad is None for p in vq.encoder.parameters())
+    z_q_ref, codes_ref = ref_encode(llamagen_sd, cfg, x)
+    with torch.no_grad():
+        torch.testing.assert_close(out.decoded_pixel_values, ref_decode_code(llamagen_sd, cfg, codes_ref), atol=1e-5, rtol=0)
+        z = F.normalize(vq.quant_conv(vq.encoder(x)).permute(0, 2, 3, 1), dim=-1)
+        # LlamaGen: codebook loss + β · commitment loss, both the MSE between the normalised latent and its code
+        expected = (1 + vq.quantize.beta) * torch.mean((z_q_ref.permute(0, 2, 3, 1) - z) ** 2)
+    torch.testing.assert_close(out.embedding_loss.detach(), expected, atol=1e-6, rtol=1e-5)
+
+
 # ---- input validation ------------------------------------------------------------------------------------------------
 
 

@@ -7,9 +7,9 @@ codebook + β·commitment loss on L2-normalised vectors (the `embedding_loss` of
 training are restarted on random encoder outputs (a standard VQ-VAE remedy against dead codes), so the small codebook
 is fully used.
 
-Note: `JanusVQVAE.forward` decodes from the argmin *indices* (no straight-through path to the encoder), so it cannot
-train the encoder by reconstruction; `reconstruct` below follows LlamaGen's `VQModel.forward` instead
-(`decode(quantize(encode(x)))` with the straight-through estimate).
+`reconstruct` below is `OmniMambaVQVAE.forward` (LlamaGen's `VQModel.forward`: the decoder reads the straight-through
+quantiser output, so the reconstruction loss reaches the encoder) that also returns the codes and the latent, which
+the dead-code restarts need.
 """
 
 from __future__ import annotations

@@ -20,6 +20,7 @@ from transformers.models.janus.modeling_janus import (
     JanusVQVAE,
     JanusVQVAEDecoder,
     JanusVQVAEEncoder,
+    JanusVQVAEOutput,
     JanusVQVAEVectorQuantizer,
 )
 
@@ -102,6 +103,14 @@ class OmniMambaVQVAE(JanusVQVAE):
             init.copy_(module.weight, F.normalize(module.weight, p=2, dim=-1))
         else:
             super()._init_weights(module)
+
+    def forward(self, pixel_values: torch.Tensor, **kwargs) -> JanusVQVAEOutput:
+        """LlamaGen's `VQModel.forward`: encoder → quant_conv → quantiser → post_quant_conv → decoder, decoding the
+        quantiser's straight-through output, so a reconstruction loss trains the encoder too. (`JanusVQVAE.forward`
+        decodes from the argmin ids: same values, but no gradient reaches the encoder or `quant_conv`.) Returns the
+        reconstruction and the quantiser's codebook + β·commitment loss (§6.2)."""
+        quantized, embedding_loss, _ = self.quantize(self.quant_conv(self.encoder(pixel_values)))
+        return JanusVQVAEOutput(self.decoder(self.post_quant_conv(quantized)), embedding_loss)
 
     @property
     def grid_size(self) -> int:

@@ -15,6 +15,7 @@ original's `train:` block keys (`batch_size_t2i`, `lr`, ...) are accepted too. P
 from __future__ import annotations
 
 import argparse
+import os
 from dataclasses import dataclass, field, fields
 from typing import Any
 
@@ -124,6 +125,12 @@ class OmniMambaTrainingArguments(TrainingArguments):
         if total > 0:
             self.per_device_train_batch_size = total
         super().__post_init__()
+        if self.torch_compile:
+            # Compile for static shapes (accelerate reads this when it builds the dynamo plugin). With dynamic shapes
+            # inductor (torch 2.13) fails on this model's backward at the second sequence length ("cannot determine
+            # truth value of Relational: 1 < s40"); the collators pad to fixed lengths, so there are few shapes to
+            # compile. Set ACCELERATE_DYNAMO_USE_DYNAMIC=1 to override.
+            os.environ.setdefault("ACCELERATE_DYNAMO_USE_DYNAMIC", "False")
 
     @property
     def task_batch_sizes(self) -> dict[str, int]:
