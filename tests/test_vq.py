@@ -298,9 +298,11 @@ def test_decode_codes_rejects_bad_codes(model, cfg, codes, match):
         ((2, 3, 8, 8), torch.long, "floating-point tensor of shape"),
     ],
 )
-def test_encode_to_codes_rejects_bad_pixels(model, shape, dtype, match):
+def test_encode_to_codes_and_forward_reject_bad_pixels(model, shape, dtype, match):
     with pytest.raises(ValueError, match=match):
         model.encode_to_codes(torch.zeros(shape, dtype=dtype))
+    with pytest.raises(ValueError, match=match):
+        model(torch.zeros(shape, dtype=dtype))
 
 
 def test_inconsistent_config_rejected(cfg):

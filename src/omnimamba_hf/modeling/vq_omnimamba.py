@@ -109,6 +109,7 @@ class OmniMambaVQVAE(JanusVQVAE):
         quantiser's straight-through output, so a reconstruction loss trains the encoder too. (`JanusVQVAE.forward`
         decodes from the argmin ids: same values, but no gradient reaches the encoder or `quant_conv`.) Returns the
         reconstruction and the quantiser's codebook + β·commitment loss (§6.2)."""
+        _check_pixels(pixel_values, self.config)
         quantized, embedding_loss, _ = self.quantize(self.quant_conv(self.encoder(pixel_values)))
         return JanusVQVAEOutput(self.decoder(self.post_quant_conv(quantized)), embedding_loss)
 
@@ -127,15 +128,7 @@ class OmniMambaVQVAE(JanusVQVAE):
         Returns:
             `torch.LongTensor` of shape `(batch, grid_size**2)`: ids in [0, num_embeddings), raster order.
         """
-        cfg = self.config
-        if not torch.is_tensor(pixel_values) or not pixel_values.is_floating_point() or pixel_values.ndim != 4:
-            raise ValueError("pixel_values must be a floating-point tensor of shape (batch, channels, height, width).")
-        expected = (cfg.in_channels, cfg.image_size, cfg.image_size)
-        if tuple(pixel_values.shape[1:]) != expected:
-            raise ValueError(
-                f"pixel_values must have shape (batch, {expected[0]}, {expected[1]}, {expected[2]}) "
-                f"(config.image_size={cfg.image_size}); got {tuple(pixel_values.shape)}."
-            )
+        _check_pixels(pixel_values, self.config)
         pixel_values = pixel_values.to(dtype=self.quant_conv.weight.dtype, device=self.quant_conv.weight.device)
         return self.encode(pixel_values).image_tokens.view(pixel_values.shape[0], -1)
 
@@ -158,6 +151,17 @@ class OmniMambaVQVAE(JanusVQVAE):
                 f"codes must lie in [0, {n_codes}); got values in [{int(codes.min())}, {int(codes.max())}]."
             )
         return self.decode(codes.to(device=self.quant_conv.weight.device, dtype=torch.long))
+
+
+def _check_pixels(pixel_values, config: OmniMambaVQVAEConfig) -> None:
+    if not torch.is_tensor(pixel_values) or not pixel_values.is_floating_point() or pixel_values.ndim != 4:
+        raise ValueError("pixel_values must be a floating-point tensor of shape (batch, channels, height, width).")
+    expected = (config.in_channels, config.image_size, config.image_size)
+    if tuple(pixel_values.shape[1:]) != expected:
+        raise ValueError(
+            f"pixel_values must have shape (batch, {expected[0]}, {expected[1]}, {expected[2]}) "
+            f"(config.image_size={config.image_size}); got {tuple(pixel_values.shape)}."
+        )
 
 
 def _check_config(config: OmniMambaVQVAEConfig) -> None:
