@@ -151,7 +151,7 @@ def convert_vq_state_dict_to_llamagen(sd: Mapping, config, *, codebook_used: boo
     mismatched = [f"{k}: {tuple(sd[k].shape)} vs expected {t}" for k, t in target.items() if k in sd and sd[k].shape != t]
     if mismatched:
         problems.append(f"shape mismatches: {_names(mismatched)}")
-    # the derived inverse table must really invert the forward one (guards against a new forward rule)
+    # the inverse table must really invert the forward one (guards against a forward rule added without its inverse)
     if unnamed := [k for k in target if rename_llamagen_vq_key(llamagen_name_of_vq_key(k)) != k]:
         problems.append(f"keys without a LlamaGen name (the inverse renaming does not invert): {_names(unnamed)}")
     if problems:

@@ -7,8 +7,8 @@ codebook + β·commitment loss on L2-normalised vectors (the `embedding_loss` of
 training are restarted on random encoder outputs (a standard VQ-VAE remedy against dead codes), so the small codebook
 is fully used.
 
-`reconstruct` below is `OmniMambaVQVAE.forward` (LlamaGen's `VQModel.forward`: the decoder reads the straight-through
-quantiser output, so the reconstruction loss reaches the encoder) that also returns the codes and the latent, which
+Each step runs `OmniMambaVQVAE.reconstruct` (LlamaGen's `VQModel.forward`: the decoder reads the straight-through
+quantiser output, so the reconstruction loss reaches the encoder), which also returns the codes and the latent that
 the dead-code restarts need.
 """
 
@@ -20,14 +20,6 @@ import torch
 import torch.nn.functional as F
 
 from omnimamba_hf.modeling.vq_omnimamba import OmniMambaVQVAE
-
-
-def reconstruct(vq: OmniMambaVQVAE, pixel_values: torch.Tensor):
-    """LlamaGen's `VQModel.forward`: encoder → quant_conv → quantiser (straight-through) → post_quant_conv → decoder.
-    Returns `(reconstruction, embedding_loss, codes, latent)`; `latent` is the (un-normalised) pre-quantiser vector."""
-    hidden = vq.quant_conv(vq.encoder(pixel_values))
-    quantized, emb_loss, codes = vq.quantize(hidden)
-    return vq.decoder(vq.post_quant_conv(quantized)), emb_loss, codes, hidden
 
 
 @torch.no_grad()
@@ -77,7 +69,7 @@ def train_vq(
             order, cursor = torch.randperm(n, generator=generator), 0
         batch = pixel_values[order[cursor : cursor + batch_size]]
         cursor += batch_size
-        recon, emb, codes, latent = reconstruct(vq, batch)
+        recon, emb, codes, latent = vq.reconstruct(batch)
         rec_loss = F.mse_loss(recon, batch)
         loss = rec_loss + emb
         optimizer.zero_grad(set_to_none=True)
@@ -114,4 +106,4 @@ def codebook_usage(vq: OmniMambaVQVAE, pixel_values: torch.Tensor, batch_size: i
     return len(used)
 
 
-__all__ = ["codebook_usage", "reconstruct", "train_vq"]
+__all__ = ["codebook_usage", "train_vq"]

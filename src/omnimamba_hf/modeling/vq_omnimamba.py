@@ -105,13 +105,20 @@ class OmniMambaVQVAE(JanusVQVAE):
             super()._init_weights(module)
 
     def forward(self, pixel_values: torch.Tensor, **kwargs) -> JanusVQVAEOutput:
-        """LlamaGen's `VQModel.forward`: encoder → quant_conv → quantiser → post_quant_conv → decoder, decoding the
-        quantiser's straight-through output, so a reconstruction loss trains the encoder too. (`JanusVQVAE.forward`
-        decodes from the argmin ids: same values, but no gradient reaches the encoder or `quant_conv`.) Returns the
-        reconstruction and the quantiser's codebook + β·commitment loss (§6.2)."""
+        """LlamaGen's `VQModel.forward` (see `reconstruct`): the reconstruction and the quantiser's codebook +
+        β·commitment loss (§6.2). (`JanusVQVAE.forward` decodes from the argmin ids: same values, but no gradient
+        reaches the encoder or `quant_conv`.)"""
         _check_pixels(pixel_values, self.config)
-        quantized, embedding_loss, _ = self.quantize(self.quant_conv(self.encoder(pixel_values)))
-        return JanusVQVAEOutput(self.decoder(self.post_quant_conv(quantized)), embedding_loss)
+        reconstruction, embedding_loss, _, _ = self.reconstruct(pixel_values)
+        return JanusVQVAEOutput(reconstruction, embedding_loss)
+
+    def reconstruct(self, pixel_values: torch.Tensor):
+        """encoder → quant_conv → quantiser → post_quant_conv → decoder, decoding the quantiser's straight-through
+        output, so a reconstruction loss trains the encoder too. Returns `(reconstruction, embedding_loss, codes,
+        latent)`; `latent` is the un-normalised pre-quantiser vector (what dead-code restarts sample from)."""
+        latent = self.quant_conv(self.encoder(pixel_values))
+        quantized, embedding_loss, codes = self.quantize(latent)
+        return self.decoder(self.post_quant_conv(quantized)), embedding_loss, codes, latent
 
     @property
     def grid_size(self) -> int:
