@@ -1401,11 +1401,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_arg_parser().parse_args(argv)
     logging.basicConfig(level=logging.WARNING if args.quiet else logging.INFO, format="%(message)s")
 
-    def _terminate(signum, frame):  # SIGTERM behaves like Ctrl-C: the temporary output is removed
-        raise KeyboardInterrupt(f"signal {signum}")
-
-    previous = signal.signal(signal.SIGTERM, _terminate) if _is_main_thread() else None
-    try:
+    with sigterm_as_keyboard_interrupt():
         report = convert_omnimamba_checkpoint(
             args.checkpoint,
             args.output,
@@ -1432,9 +1428,6 @@ def main(argv: list[str] | None = None) -> int:
             private=args.private,
             progress=not args.quiet,
         )
-    finally:
-        if previous is not None:
-            signal.signal(signal.SIGTERM, previous)
     print(
         f"Converted {report['source_tensors']} source tensors into {report['converted_tensors']} "
         f"({report['parameters']:,} parameters, {report['dtype']}) at {Path(args.output).absolute()}"
@@ -1443,10 +1436,22 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
-def _is_main_thread() -> bool:
+@contextlib.contextmanager
+def sigterm_as_keyboard_interrupt():
+    """Inside: SIGTERM raises KeyboardInterrupt, like Ctrl-C, so the atomic writers remove their temporary output.
+    Signal handlers can only be set from the main thread; elsewhere this does nothing."""
     import threading
 
-    return threading.current_thread() is threading.main_thread()
+    def _terminate(signum, frame):
+        raise KeyboardInterrupt(f"signal {signum}")
+
+    main = threading.current_thread() is threading.main_thread()
+    previous = signal.signal(signal.SIGTERM, _terminate) if main else None
+    try:
+        yield
+    finally:
+        if previous is not None:
+            signal.signal(signal.SIGTERM, previous)
 
 
 __all__ = [

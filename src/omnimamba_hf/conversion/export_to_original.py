@@ -20,9 +20,7 @@ from __future__ import annotations
 import argparse
 import os
 import secrets
-import signal
 import sys
-import threading
 from pathlib import Path
 
 import torch
@@ -34,6 +32,7 @@ from .convert_omnimamba_weights_to_hf import (
     _names,
     hf_key_to_original,
     map_original_key,
+    sigterm_as_keyboard_interrupt,
 )
 from .vision_towers import convert_dino_state_dict_to_timm, convert_siglip_state_dict_to_timm
 from .vq_llamagen import convert_vq_state_dict_to_llamagen
@@ -143,20 +142,13 @@ def main(argv: list[str] | None = None) -> int:
         print(f"omnimamba-hf export-original: {args.model}: no such model directory.", file=sys.stderr)
         return 1
 
-    def _terminate(signum, frame):  # SIGTERM behaves like Ctrl-C: the temporary file is removed
-        raise KeyboardInterrupt(f"signal {signum}")
-
-    main_thread = threading.current_thread() is threading.main_thread()
-    previous = signal.signal(signal.SIGTERM, _terminate) if main_thread else None
     try:
-        model = OmniMambaForConditionalGeneration.from_pretrained(args.model, dtype=torch.float32)
-        path = save_original_checkpoint(model, args.output, overwrite=args.overwrite)
+        with sigterm_as_keyboard_interrupt():  # the temporary file is removed on SIGTERM too
+            model = OmniMambaForConditionalGeneration.from_pretrained(args.model, dtype=torch.float32)
+            path = save_original_checkpoint(model, args.output, overwrite=args.overwrite)
     except (OSError, ValueError) as err:
         print(f"omnimamba-hf export-original: {err}", file=sys.stderr)
         return 1
-    finally:
-        if previous is not None:
-            signal.signal(signal.SIGTERM, previous)
     print(f"Wrote {path} ({path.stat().st_size / 1e6:,.1f} MB): {args.model} in the original OmniMamba layout, float32")
     return 0
 
