@@ -277,6 +277,33 @@ def test_recapture_after_reset_graph_decoders(model):
     torch.cuda.synchronize()
 
 
+def greedy_on_both_paths(model, mmu: dict, t2i_ids, batches, **text_kwargs):
+    """Greedy MMU and T2I generation on the PyTorch path (eager, kernels off) and the kernel path (`generate` on CUDA
+    graphs), for the first `batch` rows of each batch size. Returns `{(path, batch): (text sequences, text logits
+    [B, steps, V], image sequences, image logits)}` and the backends the graph decoders ran with
+    (`{(task, batch): backend}`)."""
+    import time
+
+    runs = {}
+    for path, kernels, decoder in (("torch", False, "eager"), ("kernels", True, "cuda_graph")):
+        use_kernels(kernels)
+        model.reset_graph_decoders()
+        for batch in batches:
+            t0 = time.time()
+            with torch.no_grad():
+                text = model.generate(**{k: v[:batch] for k, v in mmu.items()}, do_sample=False, decoder=decoder,
+                                      return_dict_in_generate=True, output_logits=True, **text_kwargs)  # fmt: skip
+                image = model.generate(t2i_ids[:batch], generation_mode="image", do_sample=False, decoder=decoder,
+                                       return_dict_in_generate=True, output_logits=True)  # fmt: skip
+            torch.cuda.synchronize()
+            runs[path, batch] = (text.sequences, torch.stack(text.logits, 1), image.sequences, torch.stack(image.logits, 1))
+            print(f"  {path} path, batch {batch}: {time.time() - t0:.1f} s")
+    backends = {(k[0], k[1]): d.backend for k, d in model.__dict__["_omnimamba_graph_decoders"].items()}
+    use_kernels(True)
+    model.reset_graph_decoders()
+    return runs, backends
+
+
 TRAINED = os.environ.get("OMNIMAMBA_TRAINED_MODEL", os.path.expanduser("~/.cache/omnimamba-hf/demo/model"))
 
 
@@ -309,18 +336,9 @@ def test_trained_model_bf16_kernel_path_equals_torch_path():
     mmu = processor(images=images, text=[prompt] * len(images), return_tensors="pt").to("cuda")
     model = fp32.to(torch.bfloat16)
     never = model.config.text_vocab_size - 1  # an unused text row (spec §8 #1) as EOS: as long as the table allows
-    runs = {}
-    for path, kernels, decoder in (("torch", False, "eager"), ("kernels", True, "cuda_graph")):
-        use_kernels(kernels)
-        model.reset_graph_decoders()
-        with torch.no_grad():
-            text = model.generate(**mmu, do_sample=False, eos_token_id=never, decoder=decoder,
-                                  return_dict_in_generate=True, output_logits=True)  # fmt: skip
-            image = model.generate(t2i["input_ids"], generation_mode="image", do_sample=False, decoder=decoder,
-                                   return_dict_in_generate=True, output_logits=True)  # fmt: skip
-        runs[path] = (text.sequences, torch.stack(text.logits, 1), image.sequences, torch.stack(image.logits, 1))
-    use_kernels(True)
-    (ts, tl, its, il), (ks, kl, iks, ikl) = runs["torch"], runs["kernels"]
+    n = len(images)
+    runs, _ = greedy_on_both_paths(model, dict(mmu), t2i["input_ids"], (n,), eos_token_id=never)
+    (ts, tl, its, il), (ks, kl, iks, ikl) = runs["torch", n], runs["kernels", n]
     new = ts.shape[1] - mmu["input_ids"].shape[1]
     errs = (rel_err(kl, tl), rel_err(ikl, il))
     answers = processor.batch_decode(ts[:, mmu["input_ids"].shape[1] :][:, :4], skip_special_tokens=True)
@@ -454,27 +472,10 @@ def test_trained_full_size_bf16_kernel_path_equals_torch_path():
     mmu = dict(input_ids=mmu_prompt.cuda(), pixel_values=pixels.cuda().to(torch.bfloat16))
     t2i_prompt, t2i_answer = task.t2i(4, g)
     never = config.text_vocab_size - 1  # the image placeholder row: never generated, so all 64 tokens come
-    runs = {}
-    for path, kernels, decoder in (("torch", False, "eager"), ("kernels", True, "cuda_graph")):
-        use_kernels(kernels)
-        model.reset_graph_decoders()
-        for batch in (4, 1):
-            t0 = time.time()
-            with torch.no_grad():
-                text = model.generate(mmu["input_ids"][:batch], pixel_values=mmu["pixel_values"][:batch],
-                                      do_sample=False, max_new_tokens=64, eos_token_id=never,
-                                      decoder=decoder, return_dict_in_generate=True, output_logits=True)  # fmt: skip
-                image = model.generate(t2i_prompt[:batch].cuda(), generation_mode="image", do_sample=False,
-                                       decoder=decoder, return_dict_in_generate=True, output_logits=True)  # fmt: skip
-            torch.cuda.synchronize()
-            runs[path, batch] = (text.sequences[:, mmu_prompt.shape[1] :], torch.stack(text.logits, 1),
-                                 image.sequences, torch.stack(image.logits, 1))  # fmt: skip
-            print(f"  {path} path, batch {batch}: {time.time() - t0:.1f} s")
-        if kernels:  # the graph decoders really ran, with the backends "auto" picks
-            backends = {(k[0], k[1]): d.backend for k, d in model.__dict__["_omnimamba_graph_decoders"].items()}
-            assert backends == {("mmu", 4): "kernels", ("t2i", 4): "kernels", ("mmu", 1): "fused", ("t2i", 1): "fused"}
-    use_kernels(True)
-    model.reset_graph_decoders()
+    runs, backends = greedy_on_both_paths(model, mmu, t2i_prompt.cuda(), (4, 1), max_new_tokens=64, eos_token_id=never)
+    runs = {key: (text[:, mmu_prompt.shape[1] :], *rest) for key, (text, *rest) in runs.items()}  # the answers only
+    # the graph decoders really ran, with the backends "auto" picks
+    assert backends == {("mmu", 4): "kernels", ("t2i", 4): "kernels", ("mmu", 1): "fused", ("t2i", 1): "fused"}
     (tt, tl, ti, til), (kt, kl, ki, kil) = runs["torch", 4], runs["kernels", 4]
     errs = (rel_err(kl, tl), rel_err(kil, til))
     single_errs = (rel_err(runs["kernels", 1][1], runs["torch", 1][1]), rel_err(runs["kernels", 1][3], runs["torch", 1][3]))
