@@ -30,8 +30,12 @@ def ptxas_report(kernel, types: dict, constexprs: dict, num_warps: int, arch: st
     """(registers per thread, spill-store bytes) of `kernel` compiled with these argument types and constants."""
     names = list(inspect.signature(kernel.fn).parameters)
     signature = {n: types.get(n, "constexpr") for n in names}
+    # As at a real launch, where Triton specialises pointers and integers divisible by 16: without that hint it cannot
+    # prove 16-byte alignment, loads no bf16 tile with cp.async, and the counts come out far too high.
+    aligned = {(names.index(n),): [["tt.divisibility", 16]] for n, t in types.items() if t[0] == "*" or
+               (n.startswith("stride") and t == "i32")}  # fmt: skip
     compiled = triton.compile(
-        ASTSource(fn=kernel, signature=signature, constexprs=constexprs),
+        ASTSource(fn=kernel, signature=signature, constexprs=constexprs, attrs=aligned),
         target=GPUTarget("cuda", int(re.sub(r"\D", "", arch)), 32),
         options={"num_warps": num_warps},
     )
@@ -69,11 +73,26 @@ def main() -> None:
                           ROWS_P2=triton.next_power_of_2(rows), PDL=True, **extra)  # fmt: skip
             regs, spill = ptxas_report(fused._norm_gemv_kernel, types, consts, launch["num_warps"], args.arch)
             print(f"_norm_gemv_kernel {name:8s} {launch} batch {rows}: {regs} registers, {spill} B spilled")
+    for name, k, extra in (
+        ("in_proj", d, dict(ACCUMULATE=False, OUT_DTYPE=tl.float32, BC=0, D_INNER=0, KW=1, SUMSQ_PARTS=0)),
+        ("head", d, dict(ACCUMULATE=False, OUT_DTYPE=tl.float32, BC=0, D_INNER=0, KW=1, SUMSQ_PARTS=0)),
+        ("out_proj", d_inner, dict(ACCUMULATE=True, OUT_DTYPE=tl.bfloat16, BC=2 * n, D_INNER=d_inner, KW=4,
+                                   SUMSQ_PARTS=heads * p // fused.LAUNCH["ssm_block_p"])),
+    ):  # fmt: skip
+        launch = fused.LAUNCH_TENSOR_CORES[name]
+        types = dict(gemv_types, out_ptr="*fp32" if name == "out_proj" else "*bf16", sumsq_ptr="*fp32",
+                     part_ptr="*fp32", count_ptr="*i32", stride_sumsq="i32")  # fmt: skip
+        for rows in (4, 16):
+            consts = dict(K=k, BLOCK_N=launch["block_n"], BLOCK_K=launch["block_k"], ROWS=rows, ROWS_P2=16, PDL=True,
+                          NUM_STAGES=launch["num_stages"], PRECISION="tf32", SPLIT=launch["split_k"], **extra)  # fmt: skip
+            regs, spill = ptxas_report(fused._norm_gemm_tc_kernel, types, consts, launch["num_warps"], args.arch)
+            print(f"_norm_gemm_tc_kernel {name:8s} {launch} batch {rows}: {regs} registers, {spill} B spilled")
     ssm_types = {
         "proj_ptr": "*bf16", "up_ptr": "*bf16", "conv_ptr": "*bf16", "conv_w_ptr": "*bf16", "conv_b_ptr": "*bf16",
         "dt_bias_ptr": "*bf16", "A_ptr": "*fp32", "D_ptr": "*bf16", "ssm_ptr": "*fp32", "gated_ptr": "*fp32",
-        "bc_new_ptr": "*bf16", "scaling": "fp32", "adapter_offset": "i32", "dt_lo": "fp32", "dt_hi": "fp32",
+        "bc_new_ptr": "*bf16", "gated_sumsq_ptr": "*fp32", "scaling": "fp32", "adapter_offset": "i32", "dt_lo": "fp32", "dt_hi": "fp32",
         "stride_proj": "i32", "stride_conv": "i32", "stride_ssm": "i32", "stride_gated": "i32", "stride_bc": "i32",
+        "stride_gated_sumsq": "i32",
     }  # fmt: skip
     consts = dict(D_INNER=d_inner, HEADS=heads, GROUPS=1, P=p, BLOCK_P=fused.LAUNCH["ssm_block_p"], N=n, R=r, KW=4,
                   HAS_BIAS=True, HAS_LIMIT=False, PDL=True)  # fmt: skip

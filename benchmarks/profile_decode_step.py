@@ -16,6 +16,7 @@ from torch.profiler import ProfilerActivity, profile
 
 from omnimamba_hf import OmniMambaConfig, OmniMambaForConditionalGeneration
 from omnimamba_hf.modeling import triton_decode_omnimamba as fused
+from omnimamba_hf.modeling.graph_decode_omnimamba import OmniMambaGraphDecoder
 
 
 def event_ms(fn, iters=100):
@@ -102,11 +103,81 @@ def sweep(bw):
     return best
 
 
+def tensor_core_sweep(model, bw, batches, tune=True):
+    """Tune the tensor-core GEMVs (LAUNCH_TENSOR_CORES) at 16 rows (unless not `tune`), then time the fused step on
+    them against the mamba-ssm kernels + cuBLAS backend at each batch size."""
+    if tune:
+        tune_tensor_cores(bw)
+    print("tensor-core configurations:", fused.LAUNCH_TENSOR_CORES)
+    time_fused_vs_kernels(model, batches)
+
+
+def tune_tensor_cores(bw):
+    d, e, rows = 2048, 4096, 16
+    res, nw = torch.randn(rows, d, device="cuda"), torch.ones(d, device="cuda", dtype=torch.bfloat16)
+    gated, gw = torch.randn(rows, e, device="cuda"), torch.ones(e, device="cuda", dtype=torch.bfloat16)
+    gated_sumsq = gated.pow(2).view(rows, 256, -1).sum(-1)  # as the conv + SSM kernel writes them
+    resid = torch.zeros(rows, d, device="cuda")
+    conv = torch.zeros(rows, e + 256, 4, device="cuda", dtype=torch.bfloat16)
+    bc = torch.zeros(rows, 256, device="cuda", dtype=torch.bfloat16)
+    tiles = ((64, 128, 4), (128, 128, 8), (128, 64, 8), (64, 64, 4))
+    configs = list(itertools.product(tiles, (3, 4), (1, 2, 4, 8)))
+    workspace = fused.SplitKWorkspace(torch.device("cuda"))
+    for name, shape in (("in_proj", (8528, d)), ("head", (16384, d)), ("out_proj", (d, e))):
+        ws = copies_for(shape)
+        if name == "out_proj":
+            def launch(w, tile, stages, split):
+                fused.gated_norm_gemv(gated, gw, w, resid, conv, bc, 1e-5, d_inner=e, out_dtype=torch.bfloat16,
+                                      block_n=tile[0], block_k=tile[1], num_warps=tile[2], tensor_cores=True,
+                                      num_stages=stages, split_k=split, workspace=workspace,
+                                      gated_sumsq=gated_sumsq)  # fmt: skip
+        else:
+            out = torch.empty(rows, shape[0], device="cuda", dtype=torch.bfloat16)
+
+            def launch(w, tile, stages, split):
+                fused.rmsnorm_gemv(res, nw, w, out, 1e-5, *tile, tensor_cores=True, num_stages=stages, split_k=split,
+                                   workspace=workspace)  # fmt: skip
+        timed = []
+        for c in configs:
+            try:
+                launch(ws[0], *c)  # compile, and grow the workspace before capture
+                timed.append((graph_us_per_call([lambda w=w: launch(w, *c) for w in ws]), c))
+            except Exception as exc:  # e.g. out of shared memory for this tile / stage count
+                print(f"tensor cores {name} {c}: {type(exc).__name__}")
+        timed.sort()
+        for us, (tile, stages, split) in timed[:4]:
+            gbs = shape[0] * shape[1] * 2 / us / 1e3
+            print(f"tensor cores, {rows} rows, {name} {shape}: block_n {tile[0]} block_k {tile[1]} warps {tile[2]} "
+                  f"stages {stages} split_k {split}: {us:.1f} us, {gbs:.0f} GB/s ({gbs / bw:.0%} of copy)")  # fmt: skip
+        (bn, bk, warps), stages, split = timed[0][1]
+        fused.LAUNCH_TENSOR_CORES[name] = dict(block_n=bn, block_k=bk, num_warps=warps, num_stages=stages, split_k=split)
+
+
+def time_fused_vs_kernels(model, batches):
+    V = model.config.text_vocab_size
+    for batch in batches:
+        for task in ("t2i", "mmu"):
+            tok = torch.full((batch,), V + 1 if task == "t2i" else 100, device="cuda")
+            times = {}
+            for backend in ("fused", "kernels"):
+                try:
+                    dec = OmniMambaGraphDecoder(model, task, batch, backend=backend)
+                    times[backend] = event_ms(lambda: dec.step(tok, 80))
+                    dec.release()
+                except Exception as exc:  # e.g. a tile configuration out of shared memory at this batch size
+                    print(f"batch {batch} {task} {backend}: {type(exc).__name__}: {str(exc)[:120]}")
+                    times[backend] = float("nan")
+            print(f"batch {batch} {task}: fused (tensor cores) {times['fused']:.3f} ms/step, kernels "
+                  f"{times['kernels']:.3f} ms/step ({times['kernels'] / times['fused']:.2f}x)")  # fmt: skip
+
+
 def main():
     parser = argparse.ArgumentParser()
     parser.add_argument("--sweep", action="store_true", help="tune the fused kernels' launch configurations first")
     parser.add_argument("--batches", default="1", help="batch sizes for the per-backend step timing")
     parser.add_argument("--backends", default="fused,kernels", help="graph-decoder backends to profile")
+    parser.add_argument("--tensor-core-sweep", default="", help="e.g. 4,8,16,32,64: tune the batched GEMVs, time steps")
+    parser.add_argument("--no-tune", action="store_true", help="with --tensor-core-sweep: time steps only")
     args = parser.parse_args()
     torch.manual_seed(0)
     n = 1 << 30
@@ -122,6 +193,9 @@ def main():
         fused.LAUNCH["out_proj"] = best["out_proj"]
     with torch.device("cuda"):
         model = OmniMambaForConditionalGeneration(OmniMambaConfig()).to(torch.bfloat16).eval()
+    if args.tensor_core_sweep:
+        tensor_core_sweep(model, bw, [int(b) for b in args.tensor_core_sweep.split(",")], tune=not args.no_tune)
+        return
     V = model.config.text_vocab_size
     backends = args.backends.split(",")
     if args.sweep and "fused" in backends:

@@ -1,5 +1,5 @@
 """The fused Triton decode step (modeling/triton_decode_omnimamba.py, the "fused" graph-decoder backend) equals the
-PyTorch decode step: logits and both recurrent states, both tasks, batch 1 and 3, over several steps from states that
+PyTorch decode step: logits and both recurrent states, both tasks, batch 1, 3 and 5 (the tensor-core path), over several steps from states that
 an eager prefill produced. On CPU the kernels run in Triton's interpreter (TRITON_INTERPRET=1, set before triton is
 imported, hence the subprocess); on the GPU tests/gpu runs them compiled, in bf16 too. float32 only here: the
 interpreter rounds to bfloat16 by truncation, not round-to-nearest as the GPU does."""
@@ -23,7 +23,7 @@ def test_fused_step_equals_torch_step_in_triton_interpreter():
     run = subprocess.run([sys.executable, __file__], env=env, capture_output=True, text=True, timeout=900)
     assert run.returncode == 0, run.stderr[-4000:]
     results = json.loads(run.stdout.strip().splitlines()[-1])
-    assert len(results) == 2 * 2 * 4 + 1  # tasks x batch sizes x steps, + after retraining an adapter
+    assert len(results) == 2 * 3 * 4 + 1  # tasks x batch sizes x steps, + after retraining an adapter
     for r in results:
         assert r["logits"] < 1e-5 and r["conv"] < 1e-5 and r["ssm"] < 1e-5, r
         assert r["moved"] > 1e-3, r  # the states really changed, so the comparison is not vacuous
@@ -35,7 +35,12 @@ def main():
 
     from common import randomize_routing_, tiny_config
     from omnimamba_hf import OmniMambaForConditionalGeneration
+    from omnimamba_hf.modeling import triton_decode_omnimamba
     from omnimamba_hf.modeling.graph_decode_omnimamba import OmniMambaGraphDecoder
+
+    triton_decode_omnimamba.TENSOR_CORE_DTYPES = (torch.float32,)
+    assert triton_decode_omnimamba.launch_configs(5, torch.float32)["in_proj"]["tensor_cores"]
+    assert "tensor_cores" not in triton_decode_omnimamba.launch_configs(3, torch.float32)["in_proj"]
 
     def rel(a, b):
         return ((a.double() - b.double()).norm() / b.double().norm()).item()
@@ -45,7 +50,9 @@ def main():
     model = randomize_routing_(OmniMambaForConditionalGeneration(config).eval(), seed=1, scale=0.3)
     V, results = config.text_vocab_size, []
     for task in ("t2i", "mmu"):
-        for batch in (1, 3):  # 3: the batched GEMV path (rows padded to 4 inside, one masked)
+        # 3: the batched CUDA-core GEMV (rows padded to 4 inside, one masked); 5: the tensor-core GEMM path (rows
+        # padded to 16; bf16 on the GPU, run here in float32 with exact dots)
+        for batch in (1, 3, 5):
             g = torch.Generator().manual_seed(batch)
             prompt = torch.randint(0, 200, (batch, 6), generator=g)
             cache = DynamicCache(config=config.get_text_config(decoder=True))

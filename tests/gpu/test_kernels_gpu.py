@@ -152,7 +152,7 @@ def test_fused_training_path_equals_unfused(model):
     assert grad_err < (5e-2 if strict(model) else 2e-1)
 
 
-@pytest.mark.parametrize("batch", [1, 4, 8])
+@pytest.mark.parametrize("batch", [1, 4, 8, 16])
 @pytest.mark.parametrize("task", ["t2i", "mmu"])
 def test_fused_step_equals_torch_step(model, task, batch):
     """The fused Triton step (3 launches per layer, CUDA graph) against the PyTorch step from the same prefilled
@@ -278,27 +278,37 @@ def test_recapture_after_reset_graph_decoders(model):
 
 
 def greedy_on_both_paths(model, mmu: dict, t2i_ids, batches, **text_kwargs):
-    """Greedy MMU and T2I generation on the PyTorch path (eager, kernels off) and the kernel path (`generate` on CUDA
-    graphs), for the first `batch` rows of each batch size. Returns `{(path, batch): (text sequences, text logits
-    [B, steps, V], image sequences, image logits)}` and the backends the graph decoders ran with
-    (`{(task, batch): backend}`)."""
+    """Greedy MMU and T2I generation on the PyTorch path (eager, kernels off) and on two kernel paths (`generate` on
+    CUDA graphs): "kernels" with the backends "auto" picks (the fused Triton step: CUDA-core GEMVs up to batch 3,
+    tensor-core GEMMs beyond, in bf16) and "mamba" with the fused step only up to batch 3 and mamba-ssm + cuBLAS
+    beyond (what "auto" picks past 32 rows), for the first `batch` rows of each batch size. Returns `{(path, batch):
+    (text sequences, text logits [B, steps, V], image sequences, image logits)}` and the backends the graph decoders
+    ran with (`{(path, task, batch): backend}`)."""
     import time
 
-    runs = {}
-    for path, kernels, decoder in (("torch", False, "eager"), ("kernels", True, "cuda_graph")):
+    from omnimamba_hf.modeling import graph_decode_omnimamba as G
+
+    runs, backends, limit = {}, {}, G.FUSED_MAX_BATCH_TENSOR_CORES
+    for path, kernels, decoder in (("torch", False, "eager"), ("kernels", True, "cuda_graph"), ("mamba", True, "cuda_graph")):
         use_kernels(kernels)
         model.reset_graph_decoders()
-        for batch in batches:
-            t0 = time.time()
-            with torch.no_grad():
-                text = model.generate(**{k: v[:batch] for k, v in mmu.items()}, do_sample=False, decoder=decoder,
-                                      return_dict_in_generate=True, output_logits=True, **text_kwargs)  # fmt: skip
-                image = model.generate(t2i_ids[:batch], generation_mode="image", do_sample=False, decoder=decoder,
-                                       return_dict_in_generate=True, output_logits=True)  # fmt: skip
-            torch.cuda.synchronize()
-            runs[path, batch] = (text.sequences, torch.stack(text.logits, 1), image.sequences, torch.stack(image.logits, 1))
-            print(f"  {path} path, batch {batch}: {time.time() - t0:.1f} s")
-    backends = {(k[0], k[1]): d.backend for k, d in model.__dict__["_omnimamba_graph_decoders"].items()}
+        G.FUSED_MAX_BATCH_TENSOR_CORES = G.FUSED_MAX_BATCH if path == "mamba" else limit
+        try:
+            for batch in batches:
+                t0 = time.time()
+                with torch.no_grad():
+                    text = model.generate(**{k: v[:batch] for k, v in mmu.items()}, do_sample=False, decoder=decoder,
+                                          return_dict_in_generate=True, output_logits=True, **text_kwargs)  # fmt: skip
+                    image = model.generate(t2i_ids[:batch], generation_mode="image", do_sample=False, decoder=decoder,
+                                           return_dict_in_generate=True, output_logits=True)  # fmt: skip
+                torch.cuda.synchronize()
+                runs[path, batch] = (text.sequences, torch.stack(text.logits, 1), image.sequences,
+                                     torch.stack(image.logits, 1))  # fmt: skip
+                print(f"  {path} path, batch {batch}: {time.time() - t0:.1f} s")
+        finally:
+            G.FUSED_MAX_BATCH_TENSOR_CORES = limit
+        decoders = model.__dict__.get("_omnimamba_graph_decoders", {})
+        backends.update({(path, k[0], k[1]): d.backend for k, d in decoders.items()})
     use_kernels(True)
     model.reset_graph_decoders()
     return runs, backends
@@ -312,7 +322,8 @@ TRAINED = os.environ.get("OMNIMAMBA_TRAINED_MODEL", os.path.expanduser("~/.cache
 def test_trained_model_bf16_kernel_path_equals_torch_path():
     """Issue #8's bf16 bar on trained weights (random 1.3B weights have near-tied logits, docs/BENCHMARKS.md): the
     demo's trained model (`omnimamba-hf demo`, or OMNIMAMBA_TRAINED_MODEL) in bf16, kernel path (`generate` on CUDA
-    graphs: graph prefill + fused Triton step, mamba-ssm kernels) vs PyTorch path (eager, kernels off): greedy MMU
+    graphs: graph prefill + fused Triton step (tensor cores at batch 10), and again with mamba-ssm kernels + cuBLAS at
+    batch 10) vs PyTorch path (eager, kernels off): greedy MMU
     continuations for ten digit images (28 tokens: all that the demo's 56-row position table leaves, not the issue's
     64) and greedy T2I codes (16 per image) for ten captions are identical, and the per-step logits differ by < 1e-2
     (relative). The images are the model's own fp32 T2I outputs, so no dataset is needed on the device."""
@@ -337,17 +348,21 @@ def test_trained_model_bf16_kernel_path_equals_torch_path():
     model = fp32.to(torch.bfloat16)
     never = model.config.text_vocab_size - 1  # an unused text row (spec §8 #1) as EOS: as long as the table allows
     n = len(images)
-    runs, _ = greedy_on_both_paths(model, dict(mmu), t2i["input_ids"], (n,), eos_token_id=never)
-    (ts, tl, its, il), (ks, kl, iks, ikl) = runs["torch", n], runs["kernels", n]
+    runs, backends = greedy_on_both_paths(model, dict(mmu), t2i["input_ids"], (n,), eos_token_id=never)
+    assert backends[("kernels", "mmu", n)] == "fused" and backends[("mamba", "mmu", n)] == "kernels"
+    ts, tl, its, il = runs["torch", n]
     new = ts.shape[1] - mmu["input_ids"].shape[1]
-    errs = (rel_err(kl, tl), rel_err(ikl, il))
     answers = processor.batch_decode(ts[:, mmu["input_ids"].shape[1] :][:, :4], skip_special_tokens=True)
-    print(f"\n[trained demo model, bf16] kernel vs PyTorch path: MMU {new} new tokens x {len(images)}, identical "
-          f"{bool(torch.equal(ts, ks))}, logits rel. error {errs[0]:.2e}; T2I {il.shape[1]} codes x {len(captions)}, "
-          f"identical {bool(torch.equal(its, iks))}, logits rel. error {errs[1]:.2e}; answers {answers}")  # fmt: skip
-    assert new >= 16  # the demo's 56-row MMU position table leaves 28 after the prompt
-    assert torch.equal(ts, ks) and torch.equal(its, iks)
-    assert max(errs) < 1e-2
+    for path in ("kernels", "mamba"):
+        ks, kl, iks, ikl = runs[path, n]
+        errs = (rel_err(kl, tl), rel_err(ikl, il))
+        print(f"\n[trained demo model, bf16] {path} path ({backends[(path, 'mmu', n)]}) vs PyTorch path: MMU {new} new "
+              f"tokens x {len(images)}, identical {bool(torch.equal(ts, ks))}, logits rel. error {errs[0]:.2e}; T2I "
+              f"{il.shape[1]} codes x {len(captions)}, identical {bool(torch.equal(its, iks))}, logits rel. error "
+              f"{errs[1]:.2e}; answers {answers}")  # fmt: skip
+        assert new >= 16  # the demo's 56-row MMU position table leaves 28 after the prompt
+        assert torch.equal(ts, ks) and torch.equal(its, iks)
+        assert max(errs) < 1e-2
 
 
 class CycleTask:
@@ -450,7 +465,8 @@ def train_on_cycles(model, task, max_steps, generator):
 def test_trained_full_size_bf16_kernel_path_equals_torch_path():
     """Issue #8's bf16 bar at the released 1.3B layout (48 layers) with trained weights, as far as they can be had
     offline: the model is fine-tuned here, in a few minutes, on `CycleTask`, then cast to bf16. Kernel path (`generate`
-    on CUDA graphs: graph prefill, fused Triton step at batch 1, mamba-ssm kernels at batch 4) vs PyTorch path (eager,
+    on CUDA graphs: graph prefill, fused Triton step at batch 1 and, on tensor cores, at batch 4; again with mamba-ssm
+    kernels + cuBLAS at batch 4) vs PyTorch path (eager,
     kernels off): greedy 64-token MMU continuations and 256-code T2I continuations identical, per-step logits within
     1e-2 (relative), batch 4 == batch 1 row by row; the model really is trained (its answers follow the cycle)."""
     import time
@@ -474,21 +490,25 @@ def test_trained_full_size_bf16_kernel_path_equals_torch_path():
     never = config.text_vocab_size - 1  # the image placeholder row: never generated, so all 64 tokens come
     runs, backends = greedy_on_both_paths(model, mmu, t2i_prompt.cuda(), (4, 1), max_new_tokens=64, eos_token_id=never)
     runs = {key: (text[:, mmu_prompt.shape[1] :], *rest) for key, (text, *rest) in runs.items()}  # the answers only
-    # the graph decoders really ran, with the backends "auto" picks
-    assert backends == {("mmu", 4): "kernels", ("t2i", 4): "kernels", ("mmu", 1): "fused", ("t2i", 1): "fused"}
-    (tt, tl, ti, til), (kt, kl, ki, kil) = runs["torch", 4], runs["kernels", 4]
-    errs = (rel_err(kl, tl), rel_err(kil, til))
-    single_errs = (rel_err(runs["kernels", 1][1], runs["torch", 1][1]), rel_err(runs["kernels", 1][3], runs["torch", 1][3]))
+    # the graph decoders really ran, with the backends "auto" picks (and, on the "mamba" path, past 32 rows)
+    for task_ in ("mmu", "t2i"):
+        assert backends[("kernels", task_, 4)] == "fused" and backends[("mamba", task_, 4)] == "kernels"
+        assert backends[("kernels", task_, 1)] == backends[("mamba", task_, 1)] == "fused"
+    tt, tl, ti, til = runs["torch", 4]
     learned = ((tt.cpu() == mmu_answer).float().mean().item(), (ti.cpu() == t2i_answer).float().mean().item())
     # (fraction of tokens on the expected walk: the start from the key, then the cycle)
-    print(f"[1.3B trained here, bf16] kernel vs PyTorch path, batch 4: MMU {tt.shape[1]} tokens identical "
-          f"{bool(torch.equal(tt, kt))}, logits rel. error {errs[0]:.2e}; T2I {ti.shape[1]} codes identical "
-          f"{bool(torch.equal(ti, ki))}, logits rel. error {errs[1]:.2e}; batch 1 (fused step): logits rel. error "
-          f"{single_errs[0]:.2e} / {single_errs[1]:.2e}; answers follow the cycle: MMU {learned[0]:.3f}, "
-          f"T2I {learned[1]:.3f}")  # fmt: skip
     assert min(learned) > 0.95, "the fine-tune did not converge: the comparison would be on near-tied logits"
     assert tt.shape[1] == 64 and ti.shape[1] == config.num_generated_image_tokens
-    assert torch.equal(tt, kt) and torch.equal(ti, ki)
-    for path in ("torch", "kernels"):  # batch 1 == row 0 of batch 4, on each path
+    single_errs = (rel_err(runs["kernels", 1][1], runs["torch", 1][1]), rel_err(runs["kernels", 1][3], runs["torch", 1][3]))
+    for path, label in (("kernels", "fused step, tensor cores"), ("mamba", "mamba-ssm kernels + cuBLAS")):
+        kt, kl, ki, kil = runs[path, 4]
+        errs = (rel_err(kl, tl), rel_err(kil, til))
+        print(f"[1.3B trained here, bf16] kernel path ({label}) vs PyTorch path, batch 4: MMU {tt.shape[1]} tokens "
+              f"identical {bool(torch.equal(tt, kt))}, logits rel. error {errs[0]:.2e}; T2I {ti.shape[1]} codes "
+              f"identical {bool(torch.equal(ti, ki))}, logits rel. error {errs[1]:.2e}; batch 1 (fused step): logits "
+              f"rel. error {single_errs[0]:.2e} / {single_errs[1]:.2e}; answers follow the cycle: MMU "
+              f"{learned[0]:.3f}, T2I {learned[1]:.3f}")  # fmt: skip
+        assert torch.equal(tt, kt) and torch.equal(ti, ki)
+        assert max(errs + single_errs) < 1e-2
+    for path in ("torch", "kernels", "mamba"):  # batch 1 == row 0 of batch 4, on each path
         assert torch.equal(runs[path, 1][0], runs[path, 4][0][:1]) and torch.equal(runs[path, 1][2], runs[path, 4][2][:1])
-    assert max(errs + single_errs) < 1e-2

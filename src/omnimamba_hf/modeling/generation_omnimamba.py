@@ -125,7 +125,8 @@ class OmniMambaGenerationMixin(GenerationMixin):
     ) -> OmniMambaGraphDecoder:
         """The cached static-state decoder for (task, batch size, dtype, device); built on first use. `backend`:
         "fused" (this package's Triton step), "kernels" (mamba-ssm / causal-conv1d kernels + cuBLAS), "inductor"
-        (torch.compile) or "auto" (fused up to batch 3 where Triton runs, else kernels when installed, else inductor)."""
+        (torch.compile) or "auto" (fused where Triton runs up to batch 3, or 16 in bfloat16; else kernels when
+        installed, else inductor)."""
         key = (task, batch_size, self.dtype, self.device, decoder, backend)
         decoders = self.__dict__.setdefault("_omnimamba_graph_decoders", {})
         if key not in decoders:

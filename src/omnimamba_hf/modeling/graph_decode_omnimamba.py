@@ -19,13 +19,19 @@ from types import SimpleNamespace
 import torch
 import torch.nn.functional as F
 
-from .triton_decode_omnimamba import LAUNCH, conv_ssm_step, fused_decode_available, gated_norm_gemv, rmsnorm_gemv
+from .triton_decode_omnimamba import (
+    LAUNCH, TENSOR_CORE_DTYPES, SplitKWorkspace, conv_ssm_step, fused_decode_available, gated_norm_gemv,
+    gated_sumsq_parts, launch_configs, rmsnorm_gemv,
+)
 from .mixer_omnimamba import TASKS, mamba_kernels
 
-# Largest batch for which "auto" picks the fused Triton step. Its GEMVs read each weight tile once for all rows but
-# multiply on CUDA cores; from batch 4 cuBLAS + mamba-ssm win. H100, bf16, ms/step (fused vs kernels): b1 1.24 vs 2.21,
-# b2 1.65 vs 2.37, b3 2.15 vs 2.42, b4 2.60 vs 2.51, b8 4.66 vs 2.82 (docs/benchmarks/2026-11-24-h100/profile_final.log).
+# Largest batch for which "auto" picks the fused Triton step: its CUDA-core GEMVs up to batch 3 (they read each weight
+# tile once for all rows, but multiply on CUDA cores), then, in bfloat16, its tensor-core GEMMs
+# (triton_decode_omnimamba.launch_configs). H100, bf16, ms per T2I step, fused vs mamba-ssm kernels + cuBLAS: b1 1.27 vs
+# 2.15, b4 1.81 vs 2.45, b8 2.25 vs 2.75, b16 3.08 vs 3.39, b32 4.91 vs 4.71, b64 8.77 vs 7.25; CUDA-core GEMVs at b4:
+# 2.60 (docs/benchmarks/2026-11-24-h100-session5/tensor_core_steps.log). Beyond 16 rows: the kernels backend.
 FUSED_MAX_BATCH = 3
+FUSED_MAX_BATCH_TENSOR_CORES = 16
 
 
 @torch.no_grad()
@@ -128,7 +134,8 @@ class OmniMambaGraphDecoder:
         kernels = mamba_kernels_for_decode() if device.type == "cuda" else None
         fused_ok = fused_decode_available(device.type) and _fused_supports(mixer)
         if backend == "auto":
-            if fused_ok and use_graph and batch_size <= FUSED_MAX_BATCH:
+            limit = FUSED_MAX_BATCH_TENSOR_CORES if self.dtype in TENSOR_CORE_DTYPES else FUSED_MAX_BATCH
+            if fused_ok and use_graph and batch_size <= limit:
                 backend = "fused"
             else:
                 backend = "kernels" if kernels is not None and use_graph else "inductor"
@@ -153,6 +160,9 @@ class OmniMambaGraphDecoder:
             self._bc_new = torch.zeros(
                 batch_size, 2 * mixer.n_groups * mixer.ssm_state_size, device=device, dtype=self.dtype
             )
+            self._split_k = SplitKWorkspace(device)  # scratch of the split-K tensor-core GEMVs (batch >= 4, bf16)
+            parts = gated_sumsq_parts(mixer.num_heads, mixer.head_dim, LAUNCH["ssm_block_p"])
+            self._gated_sumsq = torch.zeros(batch_size, parts, device=device, dtype=torch.float32)
         # One layer is compiled once and reused by all layers (same shapes): a few seconds of compilation, not minutes.
         compiled = compile and backend == "inductor"
         self._layer = torch.compile(_layer_step, fullgraph=True, dynamic=False) if compiled else _layer_step
@@ -247,27 +257,30 @@ class OmniMambaGraphDecoder:
         mixer0 = lm.layers[0].mixer
         width, rank = mixer0.in_proj.weight.shape[0], mixer0.in_proj.task_adapters[self.task].down.weight.shape[0]
         adapter_offset = width + rank * TASKS.index(self.task)
+        launch = launch_configs(self.batch_size, self.dtype)
         self._residual.copy_(self._embed())
         for i, layer in enumerate(lm.layers):
             mixer = layer.mixer
             rmsnorm_gemv(
                 self._residual, layer.norm.weight, self._fused_in_proj[i], self._proj, layer.norm.variance_epsilon,
-                **LAUNCH["in_proj"],
+                workspace=self._split_k, **launch["in_proj"],
             )  # fmt: skip
             conv_ssm_step(
                 self._proj, mixer.in_proj.task_adapters[self.task].up.weight, mixer.in_proj.scaling, adapter_offset,
                 self.conv[i], mixer.conv1d.weight, mixer.conv1d.bias, mixer.dt_bias, self._A[i], mixer.D,
-                self.ssm[i], self._gated, self._bc_new, d_inner=mixer.intermediate_size, heads=mixer.num_heads,
-                groups=mixer.n_groups, head_dim=mixer.head_dim, d_state=mixer.ssm_state_size,
-                time_step_limit=tuple(mixer.time_step_limit), block_p=LAUNCH["ssm_block_p"],
+                self.ssm[i], self._gated, self._bc_new, self._gated_sumsq, d_inner=mixer.intermediate_size,
+                heads=mixer.num_heads, groups=mixer.n_groups, head_dim=mixer.head_dim, d_state=mixer.ssm_state_size,
+                time_step_limit=tuple(mixer.time_step_limit), block_p=launch["ssm_block_p"],
             )  # fmt: skip
             gated_norm_gemv(
                 self._gated, mixer.norm.weight, mixer.out_proj.weight, self._residual, self.conv[i], self._bc_new,
-                mixer.norm.variance_epsilon, d_inner=mixer.intermediate_size, out_dtype=self.dtype, **LAUNCH["out_proj"],
+                mixer.norm.variance_epsilon, d_inner=mixer.intermediate_size, out_dtype=self.dtype, workspace=self._split_k,
+                gated_sumsq=self._gated_sumsq, **launch["out_proj"],
             )  # fmt: skip
         head = self.model.lm_head if self.task == "mmu" else self.model.image_head
         rmsnorm_gemv(
-            self._residual, lm.norm_f.weight, head.weight, self.logits, lm.norm_f.variance_epsilon, **LAUNCH["head"]
+            self._residual, lm.norm_f.weight, head.weight, self.logits, lm.norm_f.variance_epsilon,
+            workspace=self._split_k, **launch["head"],
         )
 
     @torch.no_grad()

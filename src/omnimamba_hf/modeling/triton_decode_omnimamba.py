@@ -13,6 +13,8 @@ at 1.7–2.2 TB/s (docs/BENCHMARKS.md). Here one block is:
 3. `gated_norm_gemv`: the gated RMSNorm folded into the `out_proj` GEMV the same way, plus the residual add.
 
 The final norm + head use kernel 1 again. Precision: float32 accumulation everywhere; the states are updated in place.
+From batch 4 in bfloat16, kernels 1 and 3 (and the head) run as tensor-core GEMMs instead (`_norm_gemm_tc_kernel`,
+`LAUNCH_TENSOR_CORES`; split-K for out_proj); kernel 2 then also writes partial sums of squares of the gated rows.
 Semantics are those of `OmniMambaMixer._step` / `graph_decode_omnimamba._layer_step` (spec §3.2–3.4); the tests
 check the fused step against them (tests/test_fused_decode.py on CPU through the Triton interpreter, tests/gpu).
 
@@ -110,20 +112,101 @@ if triton is not None:
                     sumsq = tl.where(bb == r, sumsq + tl.sum(xk * xk, axis=0), sumsq)
                 w = w_next
             y = acc * (1.0 / tl.sqrt(sumsq / K + eps))[:, None]
-        out_ptrs = out_ptr + bb[:, None] * stride_out + rows[None, :]
-        ok = b_ok[:, None] & row_ok[None, :]
-        if ACCUMULATE:  # out_proj: its output is in the model dtype, then added to the float32 residual
-            y = y.to(OUT_DTYPE).to(tl.float32) + tl.load(out_ptrs, mask=ok, other=0.0)
-        tl.store(out_ptrs, y.to(out_ptr.dtype.element_ty), mask=ok)
+        _store_rows(y, out_ptr, rows, row_ok, bb, b_ok, stride_out, ACCUMULATE, OUT_DTYPE)
         if BC > 0:
             if pid == 0:
-                c = tl.arange(0, BC)
-                j = tl.arange(0, KW)
-                for r in tl.static_range(ROWS):
-                    conv = conv_ptr + r * stride_conv + (D_INNER + c)[:, None] * KW
-                    old = tl.load(conv + tl.minimum(j + 1, KW - 1)[None, :])
-                    new = tl.load(bc_new_ptr + r * stride_bc + c)
-                    tl.store(conv + j[None, :], tl.where(j[None, :] == KW - 1, new[:, None], old))
+                _shift_bc_into_conv_state(conv_ptr, bc_new_ptr, stride_conv, stride_bc, ROWS, BC, D_INNER, KW)
+
+    @triton.jit
+    def _norm_gemm_tc_kernel(
+        x_ptr, norm_w_ptr, w_ptr, out_ptr, conv_ptr, bc_new_ptr, sumsq_ptr, part_ptr, count_ptr, N, eps,
+        stride_x, stride_w, stride_out, stride_conv, stride_bc, stride_sumsq,
+        K: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, ROWS: tl.constexpr, ROWS_P2: tl.constexpr,
+        PDL: tl.constexpr, ACCUMULATE: tl.constexpr, OUT_DTYPE: tl.constexpr, BC: tl.constexpr, D_INNER: tl.constexpr, KW: tl.constexpr,
+        NUM_STAGES: tl.constexpr, PRECISION: tl.constexpr, SPLIT: tl.constexpr, SUMSQ_PARTS: tl.constexpr,
+    ):  # fmt: skip
+        """The same as `_norm_gemv_kernel` for batches of 4 or more, on tensor cores: acc[n, b] += W[n, k] ·
+        u[b, k] per [BLOCK_N, BLOCK_K] weight tile, rows padded to ROWS_P2 ≥ 16 (the dot's smallest width), weight
+        tiles software-pipelined through shared memory (NUM_STAGES). The operand u = bf16(x · rstd · norm_w) is
+        rounded exactly as the PyTorch step rounds it (it normalises, then casts), so rstd comes first: from a pass
+        over the x rows (K·ROWS floats per program, from L2), or, with SUMSQ_PARTS > 0, as the sum of that many
+        per-row partial sums of squares its producer wrote (the conv + SSM kernel, for out_proj), added in a fixed
+        order. (Scaling by rstd after the dot, as the GEMV does, rounds bf16(x · norm_w) instead: as accurate, but
+        further from the PyTorch step's rounding — greedy tokens of the demo's model then differed.) float32 runs
+        exact ("ieee", off tensor cores) for the CPU interpreter tests.
+
+        Split-K (SPLIT > 1, grid axis 1): with few weight rows (out_proj: 2048) there are too few row blocks to keep
+        every SM streaming, so SPLIT programs share a row block, each over K / SPLIT columns, and store their partial
+        dot products; the last to arrive (an acq_rel counter per row block, which it resets) adds the SPLIT partials
+        in split order — deterministic, whatever the arrival order — and finishes the block."""
+        pid = tl.program_id(0)
+        split = tl.program_id(1)
+        rows = pid * BLOCK_N + tl.arange(0, BLOCK_N)
+        row_ok = rows < N
+        cols = tl.arange(0, BLOCK_K)
+        bb = tl.arange(0, ROWS_P2)
+        b_ok = bb < ROWS
+        if PDL:
+            gdc_launch_dependents()
+            gdc_wait()  # x is written by the previous kernel (the pipelined loop loads weights and x together)
+        if SUMSQ_PARTS > 0:
+            q = tl.arange(0, triton.next_power_of_2(SUMSQ_PARTS))
+            parts = tl.load(sumsq_ptr + bb[:, None] * stride_sumsq + q[None, :],
+                            mask=b_ok[:, None] & (q < SUMSQ_PARTS)[None, :], other=0.0)  # fmt: skip
+            sumsq = tl.sum(parts, axis=1)
+        else:
+            sumsq = tl.zeros([ROWS_P2], dtype=tl.float32)
+            for k0 in range(0, K, BLOCK_K):
+                xk = tl.load(x_ptr + bb[:, None] * stride_x + (k0 + cols)[None, :], mask=b_ok[:, None], other=0.0)
+                sumsq += tl.sum(xk.to(tl.float32) * xk.to(tl.float32), axis=1)
+        rstd = 1.0 / tl.sqrt(sumsq / K + eps)
+        acc = tl.zeros([BLOCK_N, ROWS_P2], dtype=tl.float32)
+        for k0 in tl.range(0, K // SPLIT, BLOCK_K, num_stages=NUM_STAGES):
+            k = split * (K // SPLIT) + k0 + cols
+            w = tl.load(w_ptr + rows[:, None] * stride_w + k[None, :], mask=row_ok[:, None], other=0.0)
+            xk = tl.load(x_ptr + bb[:, None] * stride_x + k[None, :], mask=b_ok[:, None], other=0.0).to(tl.float32)
+            nw = tl.load(norm_w_ptr + k).to(tl.float32)
+            u = ((xk * rstd[:, None]) * nw[None, :]).to(w.dtype)
+            acc = tl.dot(w, tl.trans(u), acc, input_precision=PRECISION)
+        y = tl.trans(acc)  # [ROWS_P2, BLOCK_N]
+        finish = True
+        if SPLIT > 1:
+            n_local = tl.arange(0, BLOCK_N)
+            tl.store(part_ptr + ((pid * SPLIT + split) * ROWS_P2 + bb[:, None]) * BLOCK_N + n_local[None, :], y)
+            finish = tl.atomic_add(count_ptr + pid, 1, sem="acq_rel") == SPLIT - 1  # orders the store above
+            if finish:
+                y = tl.zeros([ROWS_P2, BLOCK_N], dtype=tl.float32)
+                for s in tl.static_range(SPLIT):  # fixed order: the result does not depend on who came last
+                    y += tl.load(part_ptr + ((pid * SPLIT + s) * ROWS_P2 + bb[:, None]) * BLOCK_N + n_local[None, :],
+                                 cache_modifier=".cg")  # fmt: skip
+                tl.store(count_ptr + pid, 0)  # ready for the next launch (ordered before this kernel completes)
+        if finish:
+            _store_rows(y, out_ptr, rows, row_ok, bb, b_ok, stride_out, ACCUMULATE, OUT_DTYPE)
+        if BC > 0:
+            if (pid == 0) & (split == 0):
+                _shift_bc_into_conv_state(conv_ptr, bc_new_ptr, stride_conv, stride_bc, ROWS, BC, D_INNER, KW)
+
+    @triton.jit
+    def _store_rows(y, out_ptr, rows, row_ok, bb, b_ok, stride_out, ACCUMULATE: tl.constexpr, OUT_DTYPE: tl.constexpr):
+        """out[b, rows] = y — or, with ACCUMULATE (out_proj), y rounded to the model dtype and added to the float32
+        residual in `out`."""
+        out_ptrs = out_ptr + bb[:, None] * stride_out + rows[None, :]
+        ok = b_ok[:, None] & row_ok[None, :]
+        if ACCUMULATE:
+            y = y.to(OUT_DTYPE).to(tl.float32) + tl.load(out_ptrs, mask=ok, other=0.0)
+        tl.store(out_ptrs, y.to(out_ptr.dtype.element_ty), mask=ok)
+
+    @triton.jit
+    def _shift_bc_into_conv_state(conv_ptr, bc_new_ptr, stride_conv, stride_bc, ROWS: tl.constexpr, BC: tl.constexpr,
+                                  D_INNER: tl.constexpr, KW: tl.constexpr):  # fmt: skip
+        """Shift this step's B/C conv inputs (`bc_new`, written by the conv/SSM kernel) into the conv state."""
+        c = tl.arange(0, BC)
+        j = tl.arange(0, KW)
+        for r in tl.static_range(ROWS):
+            conv = conv_ptr + r * stride_conv + (D_INNER + c)[:, None] * KW
+            old = tl.load(conv + tl.minimum(j + 1, KW - 1)[None, :])
+            new = tl.load(bc_new_ptr + r * stride_bc + c)
+            tl.store(conv + j[None, :], tl.where(j[None, :] == KW - 1, new[:, None], old))
 
     @triton.jit
     def _up_rows(up_ptr, rows, R: tl.constexpr):
@@ -156,9 +239,9 @@ if triton is not None:
     @triton.jit
     def _conv_ssm_step_kernel(
         proj_ptr, up_ptr, conv_ptr, conv_w_ptr, conv_b_ptr, dt_bias_ptr, A_ptr, D_ptr, ssm_ptr,
-        gated_ptr, bc_new_ptr,
+        gated_ptr, bc_new_ptr, gated_sumsq_ptr,
         scaling, adapter_offset, dt_lo, dt_hi,
-        stride_proj, stride_conv, stride_ssm, stride_gated, stride_bc,
+        stride_proj, stride_conv, stride_ssm, stride_gated, stride_bc, stride_gated_sumsq,
         D_INNER: tl.constexpr, HEADS: tl.constexpr, GROUPS: tl.constexpr, P: tl.constexpr, BLOCK_P: tl.constexpr,
         N: tl.constexpr, R: tl.constexpr, KW: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_LIMIT: tl.constexpr,
         PDL: tl.constexpr,
@@ -229,6 +312,8 @@ if triton is not None:
         y = y.to(proj_ptr.dtype.element_ty).to(tl.float32)  # the state update's output is in the model dtype
         gated = y * (z / (1.0 + tl.exp(-z)))  # gate before the norm (norm_before_gate=False, §3.4 step 6)
         tl.store(gated_ptr + b * stride_gated + h * P + p, gated)
+        # this program's share of the gated row's sum of squares, for the tensor-core out_proj (SUMSQ_PARTS)
+        tl.store(gated_sumsq_ptr + b * stride_gated_sumsq + h * tl.num_programs(1) + pb, tl.sum(gated * gated, axis=0))
 
 
 _TL_DTYPES = {torch.float32: "float32", torch.bfloat16: "bfloat16", torch.float16: "float16"}
@@ -244,31 +329,110 @@ LAUNCH = {
 }
 
 
-def rmsnorm_gemv(residual, norm_weight, weight, out, eps, block_n=16, block_k=256, num_warps=4) -> torch.Tensor:
+# The same three GEMVs for batches of TENSOR_CORE_MIN_BATCH rows or more, in bfloat16: `_norm_gemm_tc_kernel`.
+# Tuned at 16 rows on an H100 (benchmarks/profile_decode_step.py --tensor-core-sweep; per GEMV in a CUDA graph over
+# > L2-sized weight copies). out_proj has only 2048 rows: split-K keeps every SM streaming (no split: 23.7 µs).
+LAUNCH_TENSOR_CORES = {
+    "in_proj": dict(block_n=128, block_k=128, num_warps=8, num_stages=4, split_k=1),  # 15.1 µs, 77% of copy
+    "head": dict(block_n=128, block_k=128, num_warps=8, num_stages=3, split_k=1),  # 16384 x 2048: 25.3 µs, 88%
+    "out_proj": dict(block_n=128, block_k=128, num_warps=8, num_stages=3, split_k=8),  # 11.9 µs, 47%
+}
+TENSOR_CORE_MIN_BATCH = 4
+TENSOR_CORE_DTYPES = (torch.bfloat16,)  # float32 works too (exact, off tensor cores): the CPU interpreter tests use it
+
+
+def launch_configs(batch: int, dtype: torch.dtype) -> dict:
+    """The launch configurations for one decode step of `batch` rows in `dtype`: tensor cores from
+    TENSOR_CORE_MIN_BATCH rows in bfloat16, the CUDA-core GEMVs otherwise."""
+    if batch >= TENSOR_CORE_MIN_BATCH and dtype in TENSOR_CORE_DTYPES:
+        return {**LAUNCH, **{k: dict(v, tensor_cores=True) for k, v in LAUNCH_TENSOR_CORES.items()}}
+    return LAUNCH
+
+
+def rmsnorm_gemv(residual, norm_weight, weight, out, eps, block_n=16, block_k=256, num_warps=4,
+                 tensor_cores=False, num_stages=3, split_k=1, workspace=None) -> torch.Tensor:  # fmt: skip
     """out[b] = weight @ rmsnorm(residual[b]) · norm_weight (float32 accumulation, written in out's dtype)."""
-    batch, k = residual.shape
-    n = weight.shape[0]
-    _norm_gemv_kernel[(triton.cdiv(n, block_n),)](
-        residual, norm_weight, weight, out, residual, residual, n, eps,
-        residual.stride(0), weight.stride(0), out.stride(0), 0, 0,
-        K=k, BLOCK_N=block_n, BLOCK_K=block_k, ROWS=batch, ROWS_P2=triton.next_power_of_2(batch), ACCUMULATE=False,
-        OUT_DTYPE=tl.float32, BC=0, D_INNER=0, KW=1, **_pdl(out.device), num_warps=num_warps,
+    _launch_norm_gemv(
+        residual, norm_weight, weight, out, residual, residual, eps, 0, 0, ACCUMULATE=False, OUT_DTYPE=tl.float32,
+        BC=0, D_INNER=0, KW=1, block_n=block_n, block_k=block_k, num_warps=num_warps, tensor_cores=tensor_cores,
+        num_stages=num_stages, split_k=split_k, workspace=workspace,
     )  # fmt: skip
     return out
 
 
+def _launch_norm_gemv(x, norm_weight, weight, out, conv_state, bc_new, eps, stride_conv, stride_bc, *, block_n,
+                      block_k, num_warps, tensor_cores, num_stages, split_k, workspace, sumsq_parts=None,
+                      **constants):  # fmt: skip
+    batch, k = x.shape
+    n = weight.shape[0]
+    args = (x.stride(0), weight.stride(0), out.stride(0), stride_conv, stride_bc)
+    if tensor_cores and k & -k >= 16:  # the dot needs K tiles of >= 16 that divide K
+        if weight.dtype == torch.float16:
+            raise ValueError("the tensor-core decode GEMV takes bfloat16 (or float32) weights, not float16")
+        if k % (16 * split_k):  # each split must hold whole tiles of >= 16 columns
+            split_k = 1
+        rows_p2 = max(16, triton.next_power_of_2(batch))
+        block_k = min(block_k, (k // split_k) & -(k // split_k))  # a power of two dividing each split: no K mask
+        stage_bytes = block_k * (block_n * weight.element_size() + rows_p2 * x.element_size())
+        num_stages = max(1, min(num_stages, (200 << 10) // stage_bytes))  # shared memory: 227 KB per SM (H100)
+        blocks = triton.cdiv(n, block_n)
+        parts, counts = (workspace or SplitKWorkspace(x.device)).get(blocks, split_k, rows_p2, block_n)
+        sumsq = x if sumsq_parts is None else sumsq_parts
+        _norm_gemm_tc_kernel[(blocks, split_k)](
+            x, norm_weight, weight, out, conv_state, bc_new, sumsq, parts, counts, n, eps, *args, sumsq.stride(0),
+            K=k, BLOCK_N=block_n, BLOCK_K=block_k, ROWS=batch, ROWS_P2=rows_p2, NUM_STAGES=num_stages,
+            PRECISION="ieee" if weight.dtype == torch.float32 else "tf32", SPLIT=split_k,
+            SUMSQ_PARTS=0 if sumsq_parts is None else sumsq_parts.shape[1], **constants, **_pdl(out.device),
+            num_warps=num_warps,
+        )  # fmt: skip
+    else:
+        _norm_gemv_kernel[(triton.cdiv(n, block_n),)](
+            x, norm_weight, weight, out, conv_state, bc_new, n, eps, *args, K=k, BLOCK_N=block_n, BLOCK_K=block_k,
+            ROWS=batch, ROWS_P2=triton.next_power_of_2(batch), **constants, **_pdl(out.device), num_warps=num_warps,
+        )  # fmt: skip
+
+
+class SplitKWorkspace:
+    """Scratch for the split-K tensor-core GEMVs: partial dot products and per-row-block arrival counters (zero
+    between launches: the last program of each block resets its counter). A decode step's GEMVs run one after another
+    (each waits for the previous kernel before touching the scratch), so one workspace serves them all. It only grows,
+    and only outside CUDA-graph capture (the warm-up steps run first); the owner keeps it alive with its graphs."""
+
+    def __init__(self, device):
+        self.device = device
+        self.parts = self.counts = None
+
+    def get(self, blocks, split, rows_p2, block_n):
+        need = (blocks * split * rows_p2 * block_n, blocks)
+        have = (0, 0) if self.parts is None else (self.parts.numel(), self.counts.numel())
+        if need[0] > have[0] or need[1] > have[1]:
+            if torch.cuda.is_available() and torch.cuda.is_current_stream_capturing():
+                raise RuntimeError("SplitKWorkspace must grow before CUDA-graph capture (run the step once first)")
+            self.parts = torch.empty(max(need[0], have[0]), device=self.device, dtype=torch.float32)
+            self.counts = torch.zeros(max(need[1], have[1]), device=self.device, dtype=torch.int32)
+        return self.parts, self.counts
+
+
+def gated_sumsq_parts(heads: int, head_dim: int, block_p: int) -> int:
+    """How many partial sums of squares of each gated row `conv_ssm_step` writes (one per program of a row)."""
+    return heads * triton.cdiv(head_dim, min(block_p, head_dim))
+
+
 def conv_ssm_step(proj, up_weight, scaling, adapter_offset, conv_state, conv_weight, conv_bias, dt_bias, A, D,
-                  ssm_state, gated, bc_new, *, d_inner, heads, groups, head_dim, d_state, time_step_limit,
+                  ssm_state, gated, bc_new, gated_sumsq, *, d_inner, heads, groups, head_dim, d_state, time_step_limit,
                   block_p=32):  # fmt: skip
-    """The per-head middle of a block (adapter `up`, conv step, SSM step, gate); see the module docstring."""
+    """The per-head middle of a block (adapter `up`, conv step, SSM step, gate); see the module docstring. Also
+    writes `gated_sumsq` [batch, gated_sumsq_parts(...)]: partial sums of squares of each gated row."""
     batch = proj.shape[0]
     block_p = min(block_p, head_dim)
     lo, hi = time_step_limit
     grid = (heads, triton.cdiv(head_dim, block_p), batch)
+    assert gated_sumsq.shape == (batch, heads * grid[1]), gated_sumsq.shape
     _conv_ssm_step_kernel[grid](
         proj, up_weight, conv_state, conv_weight, conv_bias if conv_bias is not None else conv_weight, dt_bias, A, D,
-        ssm_state, gated, bc_new, float(scaling), int(adapter_offset), float(lo), float(hi),
+        ssm_state, gated, bc_new, gated_sumsq, float(scaling), int(adapter_offset), float(lo), float(hi),
         proj.stride(0), conv_state.stride(0), ssm_state.stride(0), gated.stride(0), bc_new.stride(0),
+        gated_sumsq.stride(0),
         D_INNER=d_inner, HEADS=heads, GROUPS=groups, P=head_dim, BLOCK_P=block_p, N=d_state,
         R=up_weight.shape[1], KW=conv_state.shape[-1], HAS_BIAS=conv_bias is not None,
         HAS_LIMIT=(lo, hi) != (0.0, float("inf")), **_pdl(proj.device), num_warps=4,
@@ -276,16 +440,16 @@ def conv_ssm_step(proj, up_weight, scaling, adapter_offset, conv_state, conv_wei
 
 
 def gated_norm_gemv(gated, norm_weight, weight, residual, conv_state, bc_new, eps, *, d_inner, out_dtype,
-                    block_n=8, block_k=512, num_warps=4):  # fmt: skip
-    """residual[b] += weight @ gated_rmsnorm(gated[b]) (rounded to out_dtype first); finishes the conv-state shift."""
-    batch, k = gated.shape
-    n = weight.shape[0]
-    _norm_gemv_kernel[(triton.cdiv(n, block_n),)](
-        gated, norm_weight, weight, residual, conv_state, bc_new, n, eps,
-        gated.stride(0), weight.stride(0), residual.stride(0), conv_state.stride(0), bc_new.stride(0),
-        K=k, BLOCK_N=block_n, BLOCK_K=block_k, ROWS=batch, ROWS_P2=triton.next_power_of_2(batch), ACCUMULATE=True,
-        OUT_DTYPE=getattr(tl, _TL_DTYPES[out_dtype]), BC=bc_new.shape[1], D_INNER=d_inner, KW=conv_state.shape[-1],
-        **_pdl(gated.device), num_warps=num_warps,
+                    block_n=8, block_k=512, num_warps=4, tensor_cores=False, num_stages=3, split_k=1,
+                    workspace=None, gated_sumsq=None):  # fmt: skip
+    """residual[b] += weight @ gated_rmsnorm(gated[b]) (rounded to out_dtype first); finishes the conv-state shift.
+    `gated_sumsq`: the partial sums of squares `conv_ssm_step` wrote (the tensor-core path then reads no full rows
+    for rstd)."""
+    _launch_norm_gemv(
+        gated, norm_weight, weight, residual, conv_state, bc_new, eps, conv_state.stride(0), bc_new.stride(0),
+        ACCUMULATE=True, OUT_DTYPE=getattr(tl, _TL_DTYPES[out_dtype]), BC=bc_new.shape[1], D_INNER=d_inner,
+        KW=conv_state.shape[-1], block_n=block_n, block_k=block_k, num_warps=num_warps, tensor_cores=tensor_cores,
+        num_stages=num_stages, split_k=split_k, workspace=workspace, sumsq_parts=gated_sumsq,
     )  # fmt: skip
 
 
@@ -294,4 +458,7 @@ def _pdl(device) -> dict:
     return dict(PDL=True, launch_pdl=True) if use_pdl(device) else dict(PDL=False)
 
 
-__all__ = ["LAUNCH", "conv_ssm_step", "fused_decode_available", "gated_norm_gemv", "rmsnorm_gemv", "use_pdl"]
+__all__ = [
+    "LAUNCH", "LAUNCH_TENSOR_CORES", "SplitKWorkspace", "TENSOR_CORE_MIN_BATCH", "conv_ssm_step",
+    "fused_decode_available", "gated_norm_gemv", "gated_sumsq_parts", "launch_configs", "rmsnorm_gemv", "use_pdl",
+]
