@@ -39,8 +39,9 @@ def main():
     from omnimamba_hf.modeling.graph_decode_omnimamba import OmniMambaGraphDecoder
 
     triton_decode_omnimamba.TENSOR_CORE_DTYPES = (torch.float32,)
-    assert triton_decode_omnimamba.launch_configs(5, torch.float32)["in_proj"]["tensor_cores"]
-    assert "tensor_cores" not in triton_decode_omnimamba.launch_configs(3, torch.float32)["in_proj"]
+    cpu = torch.device("cpu")
+    assert triton_decode_omnimamba.launch_configs(5, torch.float32, cpu)["in_proj"]["tensor_cores"]
+    assert "tensor_cores" not in triton_decode_omnimamba.launch_configs(3, torch.float32, cpu)["in_proj"]
 
     def rel(a, b):
         return ((a.double() - b.double()).norm() / b.double().norm()).item()

@@ -21,7 +21,7 @@ import torch.nn.functional as F
 
 from .triton_decode_omnimamba import (
     LAUNCH, TENSOR_CORE_DTYPES, SplitKWorkspace, conv_ssm_step, fused_decode_available, gated_norm_gemv,
-    gated_sumsq_parts, launch_configs, rmsnorm_gemv,
+    gated_sumsq_parts, launch_configs, rmsnorm_gemv, tensor_cores_available,
 )
 from .mixer_omnimamba import TASKS, mamba_kernels
 
@@ -134,7 +134,8 @@ class OmniMambaGraphDecoder:
         kernels = mamba_kernels_for_decode() if device.type == "cuda" else None
         fused_ok = fused_decode_available(device.type) and _fused_supports(mixer)
         if backend == "auto":
-            limit = FUSED_MAX_BATCH_TENSOR_CORES if self.dtype in TENSOR_CORE_DTYPES else FUSED_MAX_BATCH
+            tensor_cores = self.dtype in TENSOR_CORE_DTYPES and tensor_cores_available(device)
+            limit = FUSED_MAX_BATCH_TENSOR_CORES if tensor_cores else FUSED_MAX_BATCH
             if fused_ok and use_graph and batch_size <= limit:
                 backend = "fused"
             else:
@@ -257,7 +258,7 @@ class OmniMambaGraphDecoder:
         mixer0 = lm.layers[0].mixer
         width, rank = mixer0.in_proj.weight.shape[0], mixer0.in_proj.task_adapters[self.task].down.weight.shape[0]
         adapter_offset = width + rank * TASKS.index(self.task)
-        launch = launch_configs(self.batch_size, self.dtype)
+        launch = launch_configs(self.batch_size, self.dtype, self._residual.device)
         self._residual.copy_(self._embed())
         for i, layer in enumerate(lm.layers):
             mixer = layer.mixer

@@ -341,10 +341,29 @@ TENSOR_CORE_MIN_BATCH = 4
 TENSOR_CORE_DTYPES = (torch.bfloat16,)  # float32 works too (exact, off tensor cores): the CPU interpreter tests use it
 
 
-def launch_configs(batch: int, dtype: torch.dtype) -> dict:
+@functools.cache
+def tensor_cores_available(device: torch.device) -> bool:
+    """bf16 tensor-core dots: CUDA from compute capability 8.0 (Ampere), or the CPU interpreter (tests)."""
+    if device.type == "cuda":
+        return torch.cuda.get_device_capability(device) >= (8, 0)
+    return fused_decode_available(device.type)
+
+
+@functools.cache
+def _shared_memory_budget(device: torch.device) -> int:
+    """Bytes of shared memory a tensor-core GEMM's pipeline stages may take on `device` (the opt-in per-block maximum
+    less 24 KB for the rest: 227 KB on an H100, 163 KB on an A100, ~99 KB on consumer cards)."""
+    if device.type != "cuda":
+        return 200 << 10
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    optin = triton.runtime.driver.active.utils.get_device_properties(index)["max_shared_mem"]  # what launches check
+    return max(32 << 10, optin - (24 << 10))
+
+
+def launch_configs(batch: int, dtype: torch.dtype, device: torch.device) -> dict:
     """The launch configurations for one decode step of `batch` rows in `dtype`: tensor cores from
-    TENSOR_CORE_MIN_BATCH rows in bfloat16, the CUDA-core GEMVs otherwise."""
-    if batch >= TENSOR_CORE_MIN_BATCH and dtype in TENSOR_CORE_DTYPES:
+    TENSOR_CORE_MIN_BATCH rows in bfloat16 where the device has them, the CUDA-core GEMVs otherwise."""
+    if batch >= TENSOR_CORE_MIN_BATCH and dtype in TENSOR_CORE_DTYPES and tensor_cores_available(device):
         return {**LAUNCH, **{k: dict(v, tensor_cores=True) for k, v in LAUNCH_TENSOR_CORES.items()}}
     return LAUNCH
 
@@ -374,7 +393,7 @@ def _launch_norm_gemv(x, norm_weight, weight, out, conv_state, bc_new, eps, stri
         rows_p2 = max(16, triton.next_power_of_2(batch))
         block_k = min(block_k, (k // split_k) & -(k // split_k))  # a power of two dividing each split: no K mask
         stage_bytes = block_k * (block_n * weight.element_size() + rows_p2 * x.element_size())
-        num_stages = max(1, min(num_stages, (200 << 10) // stage_bytes))  # shared memory: 227 KB per SM (H100)
+        num_stages = max(1, min(num_stages, _shared_memory_budget(x.device) // stage_bytes))
         blocks = triton.cdiv(n, block_n)
         parts, counts = (workspace or SplitKWorkspace(x.device)).get(blocks, split_k, rows_p2, block_n)
         sumsq = x if sumsq_parts is None else sumsq_parts
@@ -460,5 +479,6 @@ def _pdl(device) -> dict:
 
 __all__ = [
     "LAUNCH", "LAUNCH_TENSOR_CORES", "SplitKWorkspace", "TENSOR_CORE_MIN_BATCH", "conv_ssm_step",
-    "fused_decode_available", "gated_norm_gemv", "gated_sumsq_parts", "launch_configs", "rmsnorm_gemv", "use_pdl",
+    "fused_decode_available", "gated_norm_gemv", "gated_sumsq_parts", "launch_configs", "rmsnorm_gemv",
+    "tensor_cores_available", "use_pdl",
 ]
