@@ -1,6 +1,6 @@
 """The fused Triton decode step (modeling/triton_decode_omnimamba.py, the "fused" graph-decoder backend) equals the
-PyTorch decode step: logits and both recurrent states, both tasks, batch 1, 3 and 5 (the tensor-core path), over several steps from states that
-an eager prefill produced. On CPU the kernels run in Triton's interpreter (TRITON_INTERPRET=1, set before triton is
+PyTorch decode step: logits and both recurrent states, both tasks, batch 1, 3 and 5 (the tensor-core path), over
+several steps from states that an eager prefill produced. On CPU the kernels run in Triton's interpreter (TRITON_INTERPRET=1, set before triton is
 imported, hence the subprocess); on the GPU tests/gpu runs them compiled, in bf16 too. float32 only here: the
 interpreter rounds to bfloat16 by truncation, not round-to-nearest as the GPU does."""
 
