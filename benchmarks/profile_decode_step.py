@@ -153,6 +153,42 @@ def tune_tensor_cores(bw):
         fused.LAUNCH_TENSOR_CORES[name] = dict(block_n=bn, block_k=bk, num_warps=warps, num_stages=stages, split_k=split)
 
 
+def kernel_breakdown(model, batches):
+    """Per-kernel device time of one fused T2I step (PDL off, so no kernel's time includes waiting for the previous
+    one), kernels assigned to their role by launch order: embedding, then (in_proj, conv + SSM, out_proj) per layer,
+    then the head."""
+    import os
+
+    os.environ["OMNIMAMBA_PDL"] = "0"
+    fused.use_pdl.cache_clear()
+    V, layers = model.config.text_vocab_size, model.config.text_config.num_hidden_layers
+    for batch in batches:
+        dec = OmniMambaGraphDecoder(model, "t2i", batch, backend="fused", use_graph=False)
+        tok = torch.full((batch,), V + 1, device="cuda")
+        with torch.no_grad():
+            for _ in range(3):
+                dec.step(tok, 80)
+            torch.cuda.synchronize()
+            with profile(activities=[ProfilerActivity.CUDA]) as prof:
+                dec.step(tok, 80)
+                torch.cuda.synchronize()
+        kernels = sorted((e for e in prof.events() if e.device_type.name == "CUDA"), key=lambda e: e.time_range.start)
+        decode = [e for e in kernels if "norm_gemm" in e.name or "norm_gemv" in e.name or "conv_ssm" in e.name]
+        first = kernels.index(decode[0])
+        roles = {"embedding": sum(e.time_range.elapsed_us() for e in kernels[:first])}
+        for i, e in enumerate(decode[: 3 * layers]):
+            key = ("in_proj", "conv + SSM", "out_proj")[i % 3]
+            roles[key] = roles.get(key, 0) + e.time_range.elapsed_us()
+        roles["head"] = sum(e.time_range.elapsed_us() for e in decode[3 * layers :])
+        total = sum(roles.values())
+        print(f"batch {batch} fused step, PDL off, per-kernel device time: " + ", ".join(
+            f"{k} {v / 1e3:.3f} ms ({v / layers:.1f} us/layer)" if k not in ("embedding", "head") else f"{k} {v / 1e3:.3f} ms"
+            for k, v in roles.items()) + f"; sum {total / 1e3:.3f} ms")  # fmt: skip
+        dec.release()
+    os.environ["OMNIMAMBA_PDL"] = "1"
+    fused.use_pdl.cache_clear()
+
+
 def time_fused_vs_kernels(model, batches):
     V = model.config.text_vocab_size
     for batch in batches:
@@ -178,6 +214,7 @@ def main():
     parser.add_argument("--backends", default="fused,kernels", help="graph-decoder backends to profile")
     parser.add_argument("--tensor-core-sweep", default="", help="e.g. 4,8,16,32,64: tune the batched GEMVs, time steps")
     parser.add_argument("--no-tune", action="store_true", help="with --tensor-core-sweep: time steps only")
+    parser.add_argument("--kernel-breakdown", default="", help="e.g. 1,4,16: per-kernel time of one fused step")
     args = parser.parse_args()
     torch.manual_seed(0)
     n = 1 << 30
@@ -193,6 +230,9 @@ def main():
         fused.LAUNCH["out_proj"] = best["out_proj"]
     with torch.device("cuda"):
         model = OmniMambaForConditionalGeneration(OmniMambaConfig()).to(torch.bfloat16).eval()
+    if args.kernel_breakdown:
+        kernel_breakdown(model, [int(b) for b in args.kernel_breakdown.split(",")])
+        return
     if args.tensor_core_sweep:
         tensor_core_sweep(model, bw, [int(b) for b in args.tensor_core_sweep.split(",")], tune=not args.no_tune)
         return
