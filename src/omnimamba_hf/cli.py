@@ -16,7 +16,7 @@ COMMANDS = {
     "generate-image": ("omnimamba_hf.demo.cli", "generate_image_main"),
     "convert": ("omnimamba_hf.conversion.convert_omnimamba_weights_to_hf", "main"),
     "export-original": ("omnimamba_hf.conversion.export_to_original", "main"),
-    "train": ("omnimamba_hf.training.cli", "train_main"),
+    "train": ("omnimamba_hf.training.cli", "train_command"),
 }
 
 

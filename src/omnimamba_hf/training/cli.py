@@ -233,8 +233,29 @@ def train_main(argv: list[str] | None = None) -> int:
     return 0
 
 
+def end_distributed() -> None:
+    """Tear torch.distributed's process group down before the interpreter exits. Left to static destructors after a
+    torchrun training run, gloo's threads can abort a process that has finished ("terminate called without an active
+    exception", SIGABRT), and torchrun then reports the whole run as failed. Call it once, after the last
+    `train_main` of a process (the command-line entry points do)."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()  # no process tears down while another still finishes its last collective
+        dist.destroy_process_group()
+
+
+def train_command(argv: list[str] | None = None) -> int:
+    """`omnimamba-hf train ...`: one training stage, then the process group (if any) torn down. (Not on an exception:
+    the other processes may be stuck in a collective, and a barrier here would hang this one instead of letting
+    torchrun see it fail.)"""
+    status = train_main(argv)
+    end_distributed()
+    return status
+
+
 def main() -> None:  # `python -m omnimamba_hf.training.cli ...`
-    sys.exit(train_main(sys.argv[1:]))
+    sys.exit(train_command(sys.argv[1:]))
 
 
 if __name__ == "__main__":
