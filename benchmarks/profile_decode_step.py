@@ -159,6 +159,7 @@ def kernel_breakdown(model, batches):
     then the head."""
     import os
 
+    previous = os.environ.get("OMNIMAMBA_PDL")
     os.environ["OMNIMAMBA_PDL"] = "0"
     fused.use_pdl.cache_clear()
     V, layers = model.config.text_vocab_size, model.config.text_config.num_hidden_layers
@@ -185,7 +186,10 @@ def kernel_breakdown(model, batches):
             f"{k} {v / 1e3:.3f} ms ({v / layers:.1f} us/layer)" if k not in ("embedding", "head") else f"{k} {v / 1e3:.3f} ms"
             for k, v in roles.items()) + f"; sum {total / 1e3:.3f} ms")  # fmt: skip
         dec.release()
-    os.environ["OMNIMAMBA_PDL"] = "1"
+    if previous is None:
+        del os.environ["OMNIMAMBA_PDL"]
+    else:
+        os.environ["OMNIMAMBA_PDL"] = previous
     fused.use_pdl.cache_clear()
 
 

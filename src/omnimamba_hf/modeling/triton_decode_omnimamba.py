@@ -395,7 +395,10 @@ def _launch_norm_gemv(x, norm_weight, weight, out, conv_state, bc_new, eps, stri
         stage_bytes = block_k * (block_n * weight.element_size() + rows_p2 * x.element_size())
         num_stages = max(1, min(num_stages, _shared_memory_budget(x.device) // stage_bytes))
         blocks = triton.cdiv(n, block_n)
-        parts, counts = (workspace or SplitKWorkspace(x.device)).get(blocks, split_k, rows_p2, block_n)
+        if split_k > 1:
+            parts, counts = (workspace or SplitKWorkspace(x.device)).get(blocks, split_k, rows_p2, block_n)
+        else:  # no scratch: the kernel's SPLIT == 1 branch touches neither pointer
+            parts = counts = out
         sumsq = x if sumsq_parts is None else sumsq_parts
         _norm_gemm_tc_kernel[(blocks, split_k)](
             x, norm_weight, weight, out, conv_state, bc_new, sumsq, parts, counts, n, eps, *args, sumsq.stride(0),
