@@ -29,6 +29,7 @@ import torch
 
 import omnimamba_hf
 from omnimamba_hf import OmniMambaConfig, OmniMambaForConditionalGeneration
+from omnimamba_hf.modeling.mixer_omnimamba import ssm_state_dtype
 
 
 def sync():
@@ -77,7 +78,8 @@ def copy_bandwidth_gbs() -> float:
 def step_weight_bytes(model, task: str, batch: int = 1) -> int:
     """Bytes one decode step must move at least: the weights it reads (every block, the final norm, the task's adapter,
     one embedding row + position row per row of the batch, the image-embedding MLP for T2I, the task's head) plus the
-    recurrent state, read and written once (conv state in the model dtype, SSM state in float32)."""
+    recurrent state, read and written once (conv state in the model dtype, SSM state in float32 or, with
+    `config.ssm_state_dtype="model"`, in the model dtype)."""
     lm = model.model.language_model
     total = 0
     for name, p in lm.layers.named_parameters():
@@ -94,7 +96,8 @@ def step_weight_bytes(model, task: str, batch: int = 1) -> int:
         total += sum(p.numel() * p.element_size() for p in model.model.image_embeddings.mlp.parameters())
     mixer = lm.layers[0].mixer
     conv = mixer.conv_dim * mixer.conv_kernel_size * elt
-    ssm = mixer.num_heads * mixer.head_dim * mixer.ssm_state_size * 4
+    state_bytes = ssm_state_dtype(model.config, lm.embeddings.weight.dtype).itemsize
+    ssm = mixer.num_heads * mixer.head_dim * mixer.ssm_state_size * state_bytes
     total += 2 * batch * len(lm.layers) * (conv + ssm)
     return total
 
@@ -321,6 +324,9 @@ def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--tiny", action="store_true", help="a tiny config (CPU smoke test of this script)")
     parser.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16", "float32"])
+    parser.add_argument("--ssm-state-dtype", default="float32", choices=["float32", "model"],
+                        help="config.ssm_state_dtype of the port: its recurrent state in float32 (default) or in the "
+                             "model dtype, as the original keeps it")  # fmt: skip
     parser.add_argument("--skip-baselines", action="store_true")
     parser.add_argument("--only", choices=["omnimamba", "baselines"], default=None, help="run one half (two device calls)")
     parser.add_argument("--out", default=None, help="write all numbers as JSON here")
@@ -348,6 +354,7 @@ def main(argv=None):
         config = tiny_config()
     else:
         config = OmniMambaConfig()
+    config.ssm_state_dtype = args.ssm_state_dtype
     with torch.device(device):
         model = OmniMambaForConditionalGeneration(config).to(dtype).eval()
     bandwidth = copy_bandwidth_gbs() if device == "cuda" else 100.0
@@ -360,6 +367,7 @@ def main(argv=None):
         "omnimamba_hf": omnimamba_hf.__version__,
         "mamba_ssm_kernels": mamba_kernels() is not None,
         "dtype": args.dtype,
+        "ssm_state_dtype": args.ssm_state_dtype,
         "date": time.strftime("%Y-%m-%d"),
         "copy_bandwidth_GBps": bandwidth,
         "parameters": sum(p.numel() for p in model.parameters()),

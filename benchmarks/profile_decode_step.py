@@ -219,6 +219,8 @@ def main():
     parser.add_argument("--tensor-core-sweep", default="", help="e.g. 4,8,16,32,64: tune the batched GEMVs, time steps")
     parser.add_argument("--no-tune", action="store_true", help="with --tensor-core-sweep: time steps only")
     parser.add_argument("--kernel-breakdown", default="", help="e.g. 1,4,16: per-kernel time of one fused step")
+    parser.add_argument("--ssm-state-dtype", default="float32", choices=["float32", "model"],
+                        help="config.ssm_state_dtype: the recurrent state in float32 or in the model dtype (bf16)")
     args = parser.parse_args()
     torch.manual_seed(0)
     n = 1 << 30
@@ -234,6 +236,8 @@ def main():
         fused.LAUNCH["out_proj"] = best["out_proj"]
     with torch.device("cuda"):
         model = OmniMambaForConditionalGeneration(OmniMambaConfig()).to(torch.bfloat16).eval()
+    model.config.ssm_state_dtype = args.ssm_state_dtype
+    print(f"SSM state dtype: {args.ssm_state_dtype}")
     if args.kernel_breakdown:
         kernel_breakdown(model, [int(b) for b in args.kernel_breakdown.split(",")])
         return

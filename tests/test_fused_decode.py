@@ -1,6 +1,6 @@
 """The fused Triton decode step (modeling/triton_decode_omnimamba.py, the "fused" graph-decoder backend) equals the
 PyTorch decode step: logits and both recurrent states, both tasks, batch 1, 3 and 5 (the tensor-core path), over
-several steps from states that an eager prefill produced. On CPU the kernels run in Triton's interpreter (TRITON_INTERPRET=1, set before triton is
+several steps from states that an eager prefill produced, and with the SSM state kept in bf16. On CPU the kernels run in Triton's interpreter (TRITON_INTERPRET=1, set before triton is
 imported, hence the subprocess); on the GPU tests/gpu runs them compiled, in bf16 too. float32 only here: the
 interpreter rounds to bfloat16 by truncation, not round-to-nearest as the GPU does."""
 
@@ -23,10 +23,13 @@ def test_fused_step_equals_torch_step_in_triton_interpreter():
     run = subprocess.run([sys.executable, __file__], env=env, capture_output=True, text=True, timeout=900)
     assert run.returncode == 0, run.stderr[-4000:]
     results = json.loads(run.stdout.strip().splitlines()[-1])
-    assert len(results) == 2 * 3 * 4 + 1  # tasks x batch sizes x steps, + after retraining an adapter
+    assert len(results) == 2 * 3 * 4 + 4 + 1  # tasks x batch sizes x steps, + bf16 state, + after retraining an adapter
     for r in results:
-        assert r["logits"] < 1e-5 and r["conv"] < 1e-5 and r["ssm"] < 1e-5, r
+        tolerance = 2e-2 if r["task"] == "t2i-bf16-state" else 1e-5  # bf16 rounding, truncated in the interpreter
+        assert r["logits"] < tolerance and r["conv"] < tolerance and r["ssm"] < tolerance, r
         assert r["moved"] > 1e-3, r  # the states really changed, so the comparison is not vacuous
+    first = next(r for r in results if r["task"] == "t2i-bf16-state")
+    assert first["logits"] < 1e-5, first  # from equal states, y reads the float32 update: equal before any rounding
 
 
 def main():
@@ -72,6 +75,26 @@ def main():
                     task=task, batch=batch, step=step, logits=rel(b, a), conv=rel(fused.conv, ref.conv),
                     ssm=rel(fused.ssm, ref.ssm), moved=rel(ref.ssm, start) if step else 1.0,
                 ))  # fmt: skip
+    # the SSM state kept in bf16 (what config.ssm_state_dtype="model" gives a bf16 model): the kernel loads it, updates
+    # it in float32 and stores it rounded. The interpreter rounds by truncation, the PyTorch step to nearest, so this
+    # case is compared at bf16 accuracy (tests/gpu compares it compiled)
+    cache = DynamicCache(config=config.get_text_config(decoder=True))
+    prompt = torch.randint(0, 200, (3, 6), generator=torch.Generator().manual_seed(5))
+    with torch.no_grad():
+        model(input_ids=prompt, task="t2i", cache_params=cache, use_cache=True)
+    ref = OmniMambaGraphDecoder(model, "t2i", 3, compile=False, use_graph=False, backend="inductor")
+    fused = OmniMambaGraphDecoder(model, "t2i", 3, compile=False, use_graph=False, backend="fused")
+    ref.load_state(cache)
+    fused.load_state(cache)
+    ref.ssm, fused.ssm = ref.ssm.bfloat16(), fused.ssm.bfloat16()
+    start = ref.ssm.clone()
+    for step in range(4):
+        ids = torch.tensor([V + 1 + step, V + 9, V + 30 - step])
+        a, b = ref.step(ids, 6 + step).clone(), fused.step(ids, 6 + step).clone()
+        assert fused.ssm.dtype == torch.bfloat16
+        results.append(dict(task="t2i-bf16-state", batch=3, step=step, logits=rel(b, a), conv=rel(fused.conv, ref.conv),
+                            ssm=rel(fused.ssm, ref.ssm), moved=rel(ref.ssm, start) if step else 1.0))  # fmt: skip
+
     # weights changed after the fused buffers were built, through `.data` (no `_version` bump): the fused step follows
     for layer in model.model.language_model.layers:
         layer.mixer.in_proj.task_adapters["t2i"].down.weight.data.mul_(-2.0)

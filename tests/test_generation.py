@@ -323,3 +323,92 @@ def test_model_with_graph_caches_deep_copies(model, config):
     ids = torch.tensor([t2i_prompt(config, (8, 9))])
     assert torch.equal(copied.generate(ids, generation_mode="image", decoder="static"),
                        model.generate(ids, generation_mode="image", decoder="static"))  # fmt: skip
+
+
+# ---- the recurrent state in the model's dtype (config.ssm_state_dtype="model", as the original keeps it) ------------
+
+
+def test_ssm_state_dtype_is_validated():
+    from omnimamba_hf import OmniMambaConfig
+    from omnimamba_hf.modeling.mixer_omnimamba import ssm_state_dtype
+
+    with pytest.raises(Exception, match="ssm_state_dtype must be one of"):  # hub's strict-dataclass error wraps it
+        OmniMambaConfig(ssm_state_dtype="bfloat16")
+    config = tiny_config()
+    assert ssm_state_dtype(config, torch.bfloat16) == torch.float32  # the default: float32 ...
+    assert ssm_state_dtype(config, torch.float64) == torch.float64  # ... or wider
+    config.ssm_state_dtype = "model"
+    assert ssm_state_dtype(config, torch.bfloat16) == torch.bfloat16
+    config.ssm_state_dtype = "half"  # set after construction: caught where it is read
+    with pytest.raises(ValueError, match="'float32' or 'model'"):
+        ssm_state_dtype(config, torch.bfloat16)
+
+
+def test_state_in_model_dtype_is_the_float32_update_rounded_once(model, config):
+    """With `ssm_state_dtype="model"` in bfloat16, every path keeps the SSM state in bf16 (half the bytes) and computes
+    each update in float32, rounding it once when stored (the original's `selective_state_update` with a bf16 state,
+    ORIGINAL-SPEC §5.3): eager forward steps and the static decoder each equal the float32-state computation with the
+    state rounded to bf16 after every update, bit for bit; both differ from the float32-state decode (the option is
+    not a no-op); a cached decoder is not reused across the setting."""
+    from omnimamba_hf.modeling.graph_decode_omnimamba import OmniMambaGraphDecoder
+
+    m16 = copy.deepcopy(model).to(torch.bfloat16)
+    assert all(layer.mixer.state_config is m16.config for layer in m16.model.language_model.layers)
+    text = config.get_text_config(decoder=True)
+    prompt = torch.tensor([t2i_prompt(config, (8, 9, 10)), t2i_prompt(config, (11, 12))])
+    V = config.text_vocab_size
+    tokens = [torch.tensor([V + 3 + k, V + 40 - k]) for k in range(5)]
+    start = prompt.shape[1]
+
+    def eager(setting, round_after_update=False):
+        m16.config.ssm_state_dtype = setting
+        cache, logits = DynamicCache(config=text), []
+        with torch.no_grad():
+            m16(input_ids=prompt, task="t2i", cache_params=cache, use_cache=True)
+            for k, ids in enumerate(tokens):
+                if round_after_update:
+                    for layer in cache.layers:
+                        layer.recurrent_states[0].copy_(layer.recurrent_states[0].bfloat16())
+                out = m16(input_ids=ids[:, None] + 0, task="t2i", cache_params=cache, use_cache=True,
+                          position_ids=torch.full((2, 1), start + k))  # fmt: skip
+                logits.append(out.logits[:, -1])
+        return torch.stack(logits), cache
+
+    model_state, cache16 = eager("model")
+    rounded, _ = eager("float32", round_after_update=True)
+    plain, cache32 = eager("float32")
+    assert {layer.recurrent_states[0].dtype for layer in cache16.layers} == {torch.bfloat16}
+    assert {layer.recurrent_states[0].dtype for layer in cache32.layers} == {torch.float32}
+    assert torch.equal(model_state, rounded)
+    assert not torch.equal(model_state, plain)
+    torch.testing.assert_close(model_state.float(), plain.float(), rtol=0.05, atol=0.05)  # close, at bf16 accuracy
+
+    # the static decoder (the CUDA-graph step's arithmetic) from the same bf16 prefill state
+    def static(setting, round_after_update=False):
+        m16.config.ssm_state_dtype = setting
+        d = OmniMambaGraphDecoder(m16, "t2i", 2, compile=False, use_graph=False, backend="inductor")
+        d.load_state(cache16)
+        out = []
+        for k, ids in enumerate(tokens):
+            out.append(d.step(ids, start + k).clone())
+            if round_after_update:
+                d.ssm.copy_(d.ssm.bfloat16())
+        return torch.stack(out), d
+
+    ours, d16 = static("model")
+    ref, d32 = static("float32", round_after_update=True)
+    assert d16.ssm.dtype == torch.bfloat16 and d16.ssm.nbytes * 2 == d32.ssm.nbytes
+    assert torch.equal(ours, ref) and torch.equal(d16.ssm.float(), d32.ssm)
+    assert not torch.equal(ours, static("float32")[0])
+
+    # generate(): the decoder cache is keyed by the setting; eager and static agree
+    m16.config.ssm_state_dtype = "model"
+    kw = dict(generation_mode="image", return_dict_in_generate=True, output_logits=True)
+    a = m16.generate(prompt, decoder="eager", **kw)
+    b = m16.generate(prompt, decoder="static", **kw)
+    assert torch.equal(a.sequences, b.sequences)
+    torch.testing.assert_close(torch.stack(a.logits), torch.stack(b.logits), rtol=0.02, atol=0.02)
+    m16.config.ssm_state_dtype = "float32"
+    m16.generate(prompt, decoder="static", **kw)
+    states = {key[3]: d.ssm.dtype for key, d in m16.__dict__["_omnimamba_graph_decoders"].items()}
+    assert states == {torch.bfloat16: torch.bfloat16, torch.float32: torch.float32}

@@ -152,21 +152,34 @@ def test_fused_training_path_equals_unfused(model):
     assert grad_err < (5e-2 if strict(model) else 2e-1)
 
 
-@pytest.mark.parametrize("batch", [1, 4, 8, 16])
+@pytest.mark.parametrize("state", ["float32", "model"])
+@pytest.mark.parametrize("batch", [1, 4, 8, 16, 32])
 @pytest.mark.parametrize("task", ["t2i", "mmu"])
-def test_fused_step_equals_torch_step(model, task, batch):
+def test_fused_step_equals_torch_step(model, task, batch, state):
     """The fused Triton step (3 launches per layer, CUDA graph) against the PyTorch step from the same prefilled
     states, 8 steps. fp32: equal to rounding. bf16: both are compared with an fp32 copy of the same weights, and the
-    fused step must be no less accurate than the PyTorch step (bf16 rounding alone moves random-weight logits ~1e-2)."""
+    fused step must be no less accurate than the PyTorch step (bf16 rounding alone moves random-weight logits ~1e-2);
+    with `state="model"` both keep the SSM state in bf16 (the gold copy in float32)."""
     import copy
 
+    if state == "model" and strict(model):
+        pytest.skip("a float32 model's state is float32 either way")
+    use_kernels(True)
+    config = model.config
+    gold_model = model if strict(model) else copy.deepcopy(model).float()
+    config.ssm_state_dtype = state
+    try:
+        _compare_fused_step(model, gold_model, task, batch, state)
+    finally:
+        config.ssm_state_dtype = "float32"
+
+
+def _compare_fused_step(model, gold_model, task, batch, state):
     from transformers import DynamicCache
 
     from omnimamba_hf.modeling.graph_decode_omnimamba import OmniMambaGraphDecoder
 
-    use_kernels(True)
     config = model.config
-    gold_model = model if strict(model) else copy.deepcopy(model).float()
     g = torch.Generator(device="cuda").manual_seed(batch)
     prompt = torch.randint(0, 50000, (batch, 40), device="cuda", generator=g)
     decoders = {}
@@ -176,6 +189,10 @@ def test_fused_step_equals_torch_step(model, task, batch):
             m(input_ids=prompt, task=task, cache_params=cache, use_cache=True)
         decoders[name] = OmniMambaGraphDecoder(m, task, batch, compile=False, use_graph=backend == "fused", backend=backend)
         decoders[name].load_state(cache)
+    expected = torch.bfloat16 if state == "model" and not strict(model) else torch.float32
+    assert decoders["torch"].ssm.dtype == decoders["fused"].ssm.dtype == expected
+    auto = OmniMambaGraphDecoder(model, task, batch).backend  # what generate() picks (bf16 on tensor cores to 16 / 32)
+    assert auto == ("fused" if batch <= (3 if strict(model) else 16 if expected == torch.float32 else 32) else "kernels")
     errs = {"torch": [], "fused": []}
     for step in range(8):
         ids = torch.randint(0, 16000, (batch,), device="cuda", generator=g) + (config.text_vocab_size if task == "t2i" else 0)
@@ -187,8 +204,9 @@ def test_fused_step_equals_torch_step(model, task, batch):
             errs[name].append((rel_err(out[name], ref_logits), rel_err(d.ssm, ref.ssm), rel_err(d.conv, ref.conv)))
     worst = {k: [max(e[i] for e in v) for i in range(3)] for k, v in errs.items() if v}
     for name, w in worst.items():
-        print(f"\n[{model.dtype}] {task} batch {batch}: {name} step vs {'fp32 copy' if not strict(model) else 'PyTorch step'}"
-              f" over 8 steps, rel. error logits {w[0]:.2e}, ssm state {w[1]:.2e}, conv state {w[2]:.2e}")  # fmt: skip
+        against = "fp32 copy" if not strict(model) else "PyTorch step"
+        print(f"\n[{model.dtype}, {state} state] {task} batch {batch}: {name} step vs {against} over 8 steps, "
+              f"rel. error logits {w[0]:.2e}, ssm state {w[1]:.2e}, conv state {w[2]:.2e}")  # fmt: skip
     if strict(model):
         assert max(worst["fused"]) < 1e-5
     else:
@@ -281,9 +299,9 @@ def greedy_on_both_paths(model, mmu: dict, t2i_ids, batches, **text_kwargs):
     """Greedy MMU and T2I generation on the PyTorch path (eager, kernels off) and on two kernel paths (`generate` on
     CUDA graphs): "kernels" with the backends "auto" picks (the fused Triton step: CUDA-core GEMVs up to batch 3,
     tensor-core GEMMs beyond, in bf16) and "mamba" with the fused step only up to batch 3 and mamba-ssm + cuBLAS
-    beyond (what "auto" picks past 32 rows), for the first `batch` rows of each batch size. Returns `{(path, batch):
-    (text sequences, text logits [B, steps, V], image sequences, image logits)}` and the backends the graph decoders
-    ran with (`{(path, task, batch): backend}`)."""
+    beyond (what "auto" picks past 16 rows, or 32 with a bf16 state), for the first `batch` rows of each batch
+    size. Returns `{(path, batch): (text sequences, text logits [B, steps, V], image sequences, image logits)}` and
+    the backends the graph decoders ran with (`{(path, task, batch): backend}`)."""
     import time
 
     from omnimamba_hf.modeling import graph_decode_omnimamba as G
@@ -292,7 +310,7 @@ def greedy_on_both_paths(model, mmu: dict, t2i_ids, batches, **text_kwargs):
     for path, kernels, decoder in (("torch", False, "eager"), ("kernels", True, "cuda_graph"), ("mamba", True, "cuda_graph")):
         use_kernels(kernels)
         model.reset_graph_decoders()
-        G.FUSED_MAX_BATCH_TENSOR_CORES = G.FUSED_MAX_BATCH if path == "mamba" else limit
+        G.FUSED_MAX_BATCH_TENSOR_CORES = {k: G.FUSED_MAX_BATCH for k in limit} if path == "mamba" else limit
         try:
             for batch in batches:
                 t0 = time.time()
@@ -326,7 +344,9 @@ def test_trained_model_bf16_kernel_path_equals_torch_path():
     batch 10) vs PyTorch path (eager, kernels off): greedy MMU
     continuations for ten digit images (28 tokens: all that the demo's 56-row position table leaves, not the issue's
     64) and greedy T2I codes (16 per image) for ten captions are identical, and the per-step logits differ by < 1e-2
-    (relative). The images are the model's own fp32 T2I outputs, so no dataset is needed on the device."""
+    (relative). The images are the model's own fp32 T2I outputs, so no dataset is needed on the device. Again with
+    the SSM state in bf16 (`ssm_state_dtype="model"`): T2I identical, MMU logits < 1e-2 while the inputs are equal,
+    and a token may differ only at a tie within 2 bf16 steps (see below)."""
     import PIL.Image
 
     from omnimamba_hf.processing import OmniMambaProcessor
@@ -348,21 +368,56 @@ def test_trained_model_bf16_kernel_path_equals_torch_path():
     model = fp32.to(torch.bfloat16)
     never = model.config.text_vocab_size - 1  # an unused text row (spec §8 #1) as EOS: as long as the table allows
     n = len(images)
-    runs, backends = greedy_on_both_paths(model, dict(mmu), t2i["input_ids"], (n,), eos_token_id=never)
-    assert backends[("kernels", "mmu", n)] == "fused" and backends[("mamba", "mmu", n)] == "kernels"
-    ts, tl, its, il = runs["torch", n]
-    new = ts.shape[1] - mmu["input_ids"].shape[1]
-    answers = processor.batch_decode(ts[:, mmu["input_ids"].shape[1] :][:, :4], skip_special_tokens=True)
-    for path in ("kernels", "mamba"):
-        ks, kl, iks, ikl = runs[path, n]
-        errs = (rel_err(kl, tl), rel_err(ikl, il))
-        print(f"\n[trained demo model, bf16] {path} path ({backends[(path, 'mmu', n)]}) vs PyTorch path: MMU {new} new "
-              f"tokens x {len(images)}, identical {bool(torch.equal(ts, ks))}, logits rel. error {errs[0]:.2e}; T2I "
-              f"{il.shape[1]} codes x {len(captions)}, identical {bool(torch.equal(its, iks))}, logits rel. error "
-              f"{errs[1]:.2e}; answers {answers}")  # fmt: skip
+    start = mmu["input_ids"].shape[1]
+    for state in ("float32", "model"):  # the SSM state in float32, then in bf16 as the original keeps it
+        model.config.ssm_state_dtype = state
+        runs, backends = greedy_on_both_paths(model, dict(mmu), t2i["input_ids"], (n,), eos_token_id=never)
+        assert backends[("kernels", "mmu", n)] == "fused" and backends[("mamba", "mmu", n)] == "kernels"
+        ts, tl, its, il = runs["torch", n]
+        new = ts.shape[1] - start
         assert new >= 16  # the demo's 56-row MMU position table leaves 28 after the prompt
-        assert torch.equal(ts, ks) and torch.equal(its, iks)
-        assert max(errs) < 1e-2
+        answers = processor.batch_decode(ts[:, start:][:, :4], skip_special_tokens=True)
+        for path in ("kernels", "mamba"):
+            ks, kl, iks, ikl = runs[path, n]
+            errs = (rel_err(kl, tl), rel_err(ikl, il))
+            diverged, prefix_err, margins = common_prefix(ts[:, start:], tl, ks[:, start:], kl)
+            print(f"\n[trained demo model, bf16, {state} state] {path} path ({backends[(path, 'mmu', n)]}) vs PyTorch "
+                  f"path: MMU {new} new tokens x {len(images)}, identical {bool(torch.equal(ts, ks))} (first differing "
+                  f"token per row {diverged}; PyTorch path's top-2 logit margin there, in bf16 steps: {margins}; "
+                  f"logits rel. error "
+                  f"up to it {prefix_err:.2e}), logits rel. error {errs[0]:.2e}; T2I {il.shape[1]} codes x "
+                  f"{len(captions)}, identical {bool(torch.equal(its, iks))}, logits rel. error {errs[1]:.2e}; "
+                  f"answers {answers}")  # fmt: skip
+            assert torch.equal(its, iks) and errs[1] < 1e-2
+            if state == "float32":  # the issue's bar
+                assert torch.equal(ts, ks) and errs[0] < 1e-2
+            else:
+                # A bf16 state rounds every update to 8 bits, so the paths' float32 differences (~1e-6) become 1-ulp
+                # bf16 differences; on this tiny model one of ten continuations then flips after its answer, where
+                # the PyTorch path's two best logits are adjacent bf16 values (both kernel paths alike; the 1.3B test
+                # below stays identical). Bar: the logits agree within 1e-2 wherever the inputs are equal (up to
+                # and including a first differing token); tokens differ only where the best two are <= 2 bf16 steps
+                # apart.
+                assert prefix_err < 1e-2 and all(m <= 2.0 for m in margins)
+
+
+def common_prefix(ref_tokens, ref_logits, tokens, logits):
+    """Per row, the first generated token at which `tokens` differs from `ref_tokens` (None if none); the relative
+    logits error over the steps whose inputs are still equal (up to and including that token's step); the reference's
+    top-2 logit margin at each first differing token, in bf16 steps at that logit (1.0: two adjacent bf16 values)."""
+    diverged, margins, a, b = [], [], [], []
+    for row in range(ref_tokens.shape[0]):
+        diff = (ref_tokens[row] != tokens[row]).nonzero()
+        k = int(diff[0]) if len(diff) else None
+        diverged.append(k)
+        stop = ref_tokens.shape[1] if k is None else k + 1
+        a.append(logits[row, :stop])
+        b.append(ref_logits[row, :stop])
+        if k is not None:  # in units of the bf16 spacing at the top logit (1 = adjacent bf16 values)
+            top = ref_logits[row, k].float().topk(2).values
+            ulp = 2.0 ** (torch.floor(torch.log2(top[0].abs())).item() - 7)
+            margins.append(round(float(top[0] - top[1]) / ulp, 2))
+    return diverged, rel_err(torch.cat(a), torch.cat(b)), margins
 
 
 class CycleTask:
@@ -381,8 +436,10 @@ class CycleTask:
         self.config = config
 
     def starts(self, batch, generator):
-        """(key index, cycle position) of each row's start."""
-        key = torch.randint(0, self.STARTS, (batch,), generator=generator)
+        """(key index, cycle position) of each row's start; a batch of >= STARTS rows holds every key (a training
+        batch predicted without error then shows every key learned: with random keys a T2I start once went unlearned
+        and the test stopped training too early)."""
+        key = torch.randperm(self.STARTS, generator=generator)[torch.arange(batch) % self.STARTS]
         return key, key * (self.CYCLE // self.STARTS)
 
     def walk(self, symbols, start, length):
@@ -412,8 +469,8 @@ class CycleTask:
 
 def train_on_cycles(model, task, max_steps, generator):
     """Full fine-tune (vision towers, projector and VQ frozen) in float32 with TF32 matmuls, MMU and T2I batches
-    alternating, until the last batch of each task was predicted without a single error (first token from the key
-    included: the loss alone cannot tell, its share of a 256-code image is 1/256) at a loss below 0.01, or
+    alternating, until the last two batches of each task were predicted without a single error (first token from the
+    key included: the loss alone cannot tell, its share of a 256-code image is 1/256) at a loss below 0.01, or
     `max_steps`; returns (steps, last MMU loss, last T2I loss)."""
     frozen = ("model.vision_model.", "model.projector.", "model.vqmodel.")
     params = []
@@ -426,6 +483,7 @@ def train_on_cycles(model, task, max_steps, generator):
     torch.backends.cuda.matmul.allow_tf32 = True
     model.train()
     last = {"mmu": (float("inf"), 0.0), "t2i": (float("inf"), 0.0)}  # (loss, token accuracy)
+    streak = {"mmu": 0, "t2i": 0}  # consecutive batches predicted without error
     try:
         for step in range(max_steps):
             for group in opt.param_groups:
@@ -447,7 +505,8 @@ def train_on_cycles(model, task, max_steps, generator):
             offset = model.config.text_vocab_size if name == "t2i" else 0
             accuracy = (out.logits[:, :-1].argmax(-1).cpu() + offset == answer).float().mean().item()
             last[name] = (out.loss.item(), accuracy)
-            done = all(loss < 0.01 and acc == 1.0 for loss, acc in last.values())
+            streak[name] = streak[name] + 1 if out.loss.item() < 0.01 and accuracy == 1.0 else 0
+            done = min(streak.values()) >= 2
             if step % 20 == 0 or done:
                 print(f"  step {step:3d}: mmu loss {last['mmu'][0]:.4f} accuracy {last['mmu'][1]:.3f}, "
                       f"t2i loss {last['t2i'][0]:.4f} accuracy {last['t2i'][1]:.3f}", flush=True)  # fmt: skip
@@ -468,7 +527,8 @@ def test_trained_full_size_bf16_kernel_path_equals_torch_path():
     on CUDA graphs: graph prefill, fused Triton step at batch 1 and, on tensor cores, at batch 4; again with mamba-ssm
     kernels + cuBLAS at batch 4) vs PyTorch path (eager,
     kernels off): greedy 64-token MMU continuations and 256-code T2I continuations identical, per-step logits within
-    1e-2 (relative), batch 4 == batch 1 row by row; the model really is trained (its answers follow the cycle)."""
+    1e-2 (relative), batch 4 == batch 1 row by row; the model really is trained (its answers follow the cycle). All of
+    it with the SSM state in float32 and again in bf16 (`ssm_state_dtype="model"`)."""
     import time
 
     torch.manual_seed(0)
@@ -488,9 +548,22 @@ def test_trained_full_size_bf16_kernel_path_equals_torch_path():
     mmu = dict(input_ids=mmu_prompt.cuda(), pixel_values=pixels.cuda().to(torch.bfloat16))
     t2i_prompt, t2i_answer = task.t2i(4, g)
     never = config.text_vocab_size - 1  # the image placeholder row: never generated, so all 64 tokens come
+    torch_path = {}
+    for state in ("float32", "model"):  # the SSM state in float32, then in bf16 as the original keeps it
+        model.config.ssm_state_dtype = state
+        torch_path[state] = compare_trained_paths(model, mmu, mmu_prompt, mmu_answer, t2i_prompt, t2i_answer, never, state)
+    model.config.ssm_state_dtype = "float32"
+    (a, al, ai, ail), (b, bl, bi, bil) = torch_path["float32"], torch_path["model"]
+    print(f"[1.3B trained here, bf16] PyTorch path, bf16 state vs float32 state, batch 4: MMU tokens identical "
+          f"{bool(torch.equal(a, b))}, logits rel. error {rel_err(bl, al):.2e}; T2I codes identical "
+          f"{bool(torch.equal(ai, bi))}, logits rel. error {rel_err(bil, ail):.2e}")  # fmt: skip
+
+
+def compare_trained_paths(model, mmu, mmu_prompt, mmu_answer, t2i_prompt, t2i_answer, never, state):
+    config = model.config
     runs, backends = greedy_on_both_paths(model, mmu, t2i_prompt.cuda(), (4, 1), max_new_tokens=64, eos_token_id=never)
     runs = {key: (text[:, mmu_prompt.shape[1] :], *rest) for key, (text, *rest) in runs.items()}  # the answers only
-    # the graph decoders really ran, with the backends "auto" picks (and, on the "mamba" path, past 32 rows)
+    # the graph decoders really ran, with the backends "auto" picks (and, on the "mamba" path, past its limit)
     for task_ in ("mmu", "t2i"):
         assert backends[("kernels", task_, 4)] == "fused" and backends[("mamba", task_, 4)] == "kernels"
         assert backends[("kernels", task_, 1)] == backends[("mamba", task_, 1)] == "fused"
@@ -503,8 +576,8 @@ def test_trained_full_size_bf16_kernel_path_equals_torch_path():
     for path, label in (("kernels", "fused step, tensor cores"), ("mamba", "mamba-ssm kernels + cuBLAS")):
         kt, kl, ki, kil = runs[path, 4]
         errs = (rel_err(kl, tl), rel_err(kil, til))
-        print(f"[1.3B trained here, bf16] kernel path ({label}) vs PyTorch path, batch 4: MMU {tt.shape[1]} tokens "
-              f"identical {bool(torch.equal(tt, kt))}, logits rel. error {errs[0]:.2e}; T2I {ti.shape[1]} codes "
+        print(f"[1.3B trained here, bf16, {state} state] kernel path ({label}) vs PyTorch path, batch 4: MMU "
+              f"{tt.shape[1]} tokens identical {bool(torch.equal(tt, kt))}, logits rel. error {errs[0]:.2e}; T2I {ti.shape[1]} codes "
               f"identical {bool(torch.equal(ti, ki))}, logits rel. error {errs[1]:.2e}; batch 1 (fused step): logits "
               f"rel. error {single_errs[0]:.2e} / {single_errs[1]:.2e}; answers follow the cycle: MMU "
               f"{learned[0]:.3f}, T2I {learned[1]:.3f}")  # fmt: skip
@@ -512,3 +585,4 @@ def test_trained_full_size_bf16_kernel_path_equals_torch_path():
         assert max(errs + single_errs) < 1e-2
     for path in ("torch", "kernels", "mamba"):  # batch 1 == row 0 of batch 4, on each path
         assert torch.equal(runs[path, 1][0], runs[path, 4][0][:1]) and torch.equal(runs[path, 1][2], runs[path, 4][2][:1])
+    return runs["torch", 4]

@@ -14,6 +14,9 @@ from huggingface_hub.dataclasses import strict
 from transformers import Dinov2WithRegistersConfig, JanusVQVAEConfig, Mamba2Config, PreTrainedConfig, SiglipVisionConfig
 from transformers.configuration_utils import SubConfigSpec
 
+# dtype of the SSM recurrent state while generating: float32 (default), or the model's own dtype (as the original)
+SSM_STATE_DTYPES = ("float32", "model")
+
 # ---- defaults of the released 1.3B model --------------------------------------------------------------------------
 
 TEXT_DEFAULTS = {
@@ -205,6 +208,11 @@ class OmniMambaConfig(PreTrainedConfig):
     image_token_id (`int`, *optional*, defaults to 50287): placeholder id the processor repeats `num_image_tokens` times
         where an image's features go (the last, otherwise unused, row of the padded text embedding).
     pad_token_id, eos_token_id, soi/eoi/sot/eot/t2i/mmu_token_id: special ids (ORIGINAL-SPEC §0).
+    ssm_state_dtype (`str`, *optional*, defaults to `"float32"`): dtype of the SSM recurrent state kept while
+        generating. `"float32"` (float64 for a float64 model) is more accurate than the original; `"model"` keeps it
+        in the model's dtype, as the original's CUDA-graph decode (ORIGINAL-SPEC §5.3) and transformers' Mamba2 do.
+        In bfloat16 that halves the state's memory and the traffic that bounds decoding at large batches
+        (docs/BENCHMARKS.md). Read when a cache, prefill or decoder is created; may be changed between calls.
 
     Example:
 
@@ -248,6 +256,7 @@ class OmniMambaConfig(PreTrainedConfig):
     mmu_token_id: int = 50283
     initializer_range: float = 0.02
     tie_word_embeddings: bool = True
+    ssm_state_dtype: str = "float32"
 
     def __post_init__(self, **kwargs):
         self.text_config = _merged(TEXT_DEFAULTS, self.text_config)
@@ -255,6 +264,8 @@ class OmniMambaConfig(PreTrainedConfig):
 
     def validate_architecture(self):
         text = self.text_config
+        if self.ssm_state_dtype not in SSM_STATE_DTYPES:
+            raise ValueError(f"ssm_state_dtype must be one of {SSM_STATE_DTYPES}, got {self.ssm_state_dtype!r}.")
         if text.hidden_size * text.expand != text.num_heads * text.head_dim:
             raise ValueError(
                 f"text_config: hidden_size * expand ({text.hidden_size * text.expand}) must equal "

@@ -38,6 +38,7 @@ from transformers.utils import logging
 
 from .graph_decode_omnimamba import OmniMambaGraphDecoder
 from .graph_prefill_omnimamba import OmniMambaGraphPrefill, OmniMambaGraphVision
+from .mixer_omnimamba import ssm_state_dtype
 
 # model.__dict__ entries that hold captured graphs and static buffers: dropped by reset_graph_decoders() and never
 # pickled / deep-copied with the model.
@@ -123,11 +124,11 @@ class OmniMambaGenerationMixin(GenerationMixin):
     def graph_decoder(
         self, task: str, batch_size: int, decoder: str = "cuda_graph", backend: str = "auto"
     ) -> OmniMambaGraphDecoder:
-        """The cached static-state decoder for (task, batch size, dtype, device); built on first use. `backend`:
-        "fused" (this package's Triton step), "kernels" (mamba-ssm / causal-conv1d kernels + cuBLAS), "inductor"
-        (torch.compile) or "auto" (fused where Triton runs up to batch 3, or 16 in bfloat16; else kernels when
-        installed, else inductor)."""
-        key = (task, batch_size, self.dtype, self.device, decoder, backend)
+        """The cached static-state decoder for (task, batch size, dtype, state dtype, device); built on first use.
+        `backend`: "fused" (this package's Triton step), "kernels" (mamba-ssm / causal-conv1d kernels + cuBLAS),
+        "inductor" (torch.compile) or "auto" (fused where Triton runs up to batch 3, or in bfloat16 16 — 32 with the
+        SSM state in bf16; else kernels when installed, else inductor)."""
+        key = (task, batch_size, self.dtype, ssm_state_dtype(self.config, self.dtype), self.device, decoder, backend)
         decoders = self.__dict__.setdefault("_omnimamba_graph_decoders", {})
         if key not in decoders:
             graph = decoder == "cuda_graph"
@@ -145,8 +146,9 @@ class OmniMambaGenerationMixin(GenerationMixin):
                     captured.release()  # now, not when the garbage collector reaches the model <-> graph cycle
 
     def graph_prefill(self, task: str, batch_size: int) -> OmniMambaGraphPrefill:
-        """The cached CUDA-graph prefill for (task, batch size, dtype, device); graphs are captured on first use."""
-        key = (task, batch_size, self.dtype, self.device)
+        """The cached CUDA-graph prefill for (task, batch size, dtype, state dtype, device); graphs are captured on
+        first use."""
+        key = (task, batch_size, self.dtype, ssm_state_dtype(self.config, self.dtype), self.device)
         cache = self.__dict__.setdefault("_omnimamba_graph_prefill", {})
         if key not in cache:
             cache[key] = OmniMambaGraphPrefill(self, task, batch_size)

@@ -2,15 +2,15 @@
 
 A recurrent model decodes with a constant-size state, so one decode step has fully static shapes: the token ids and
 positions of the batch, the conv state `[layers, B, conv_dim, K]` and the SSM state `[layers, B, heads, head_dim,
-d_state]` (float32). The step is written as one function over preallocated buffers (backends: this package's fused
-Triton kernels, mamba-ssm's kernels + cuBLAS, or the PyTorch step compiled by torch.compile) and captured once in a
-CUDA graph, so a decode step costs one graph replay: launch overhead disappears and the step approaches the time to read
+d_state]` (float32, or the model's dtype with `config.ssm_state_dtype="model"`). The step is written as one function
+over preallocated buffers (backends: this package's fused Triton kernels, mamba-ssm's kernels + cuBLAS, or the
+PyTorch step compiled by torch.compile) and captured once in a CUDA graph, so a decode step costs one graph replay: launch overhead disappears and the step approaches the time to read
 the weights once (the memory floor). The task LoRA stays exact: `x Wᵀ + s · up(down(x))` with the task's adapter,
 not merged into the base weight.
 
 The prefill (graph_prefill_omnimamba.py on "cuda_graph", else the eager forward) leaves its final states in a
 `DynamicCache`; `load_state` copies them into the static buffers. Decoders are cached on the model per (task, batch
-size, dtype, device).
+size, dtype, state dtype, device).
 """
 import functools
 import gc
@@ -23,15 +23,17 @@ from .triton_decode_omnimamba import (
     LAUNCH, TENSOR_CORE_DTYPES, SplitKWorkspace, conv_ssm_step, fused_decode_available, gated_norm_gemv,
     gated_sumsq_parts, launch_configs, rmsnorm_gemv, tensor_cores_available,
 )
-from .mixer_omnimamba import TASKS, mamba_kernels
+from .mixer_omnimamba import TASKS, mamba_kernels, ssm_state_dtype
 
 # Largest batch for which "auto" picks the fused Triton step: its CUDA-core GEMVs up to batch 3 (they read each weight
 # tile once for all rows, but multiply on CUDA cores), then, in bfloat16, its tensor-core GEMMs
 # (triton_decode_omnimamba.launch_configs). H100, bf16, ms per T2I step, fused vs mamba-ssm kernels + cuBLAS: b1 1.27 vs
 # 2.15, b4 1.81 vs 2.45, b8 2.25 vs 2.75, b16 3.08 vs 3.39, b32 4.91 vs 4.71, b64 8.77 vs 7.25; CUDA-core GEMVs at b4:
-# 2.60 (docs/benchmarks/2026-11-24-h100-session5/tensor_core_steps.log). Beyond 16 rows: the kernels backend.
+# 2.60 (docs/benchmarks/2026-11-24-h100-session5/tensor_core_steps.log). Beyond 16 rows: the kernels backend. With the
+# SSM state in bf16 (config.ssm_state_dtype="model") the fused step wins to 32 rows: b16 2.60 vs 3.22, b32 4.00 vs
+# 4.27, b64 6.90 vs 6.25 (docs/benchmarks/2026-11-24-h100-session6/steps_state_model.log). Keyed by the state dtype.
 FUSED_MAX_BATCH = 3
-FUSED_MAX_BATCH_TENSOR_CORES = 16
+FUSED_MAX_BATCH_TENSOR_CORES = {torch.float32: 16, torch.bfloat16: 32}
 
 
 @torch.no_grad()
@@ -115,8 +117,9 @@ class OmniMambaGraphDecoder:
         mixer = lm.layers[0].mixer
         n = text.num_hidden_layers
         self.conv = torch.zeros(n, batch_size, mixer.conv_dim, mixer.conv_kernel_size, device=device, dtype=self.dtype)
+        self.state_dtype = ssm_state_dtype(config, self.dtype)
         self.ssm = torch.zeros(
-            n, batch_size, mixer.num_heads, mixer.head_dim, mixer.ssm_state_size, device=device, dtype=torch.float32
+            n, batch_size, mixer.num_heads, mixer.head_dim, mixer.ssm_state_size, device=device, dtype=self.state_dtype
         )
         self.ids = torch.zeros(batch_size, dtype=torch.long, device=device)
         self.positions = torch.zeros(batch_size, dtype=torch.long, device=device)
@@ -135,7 +138,9 @@ class OmniMambaGraphDecoder:
         fused_ok = fused_decode_available(device.type) and _fused_supports(mixer)
         if backend == "auto":
             tensor_cores = self.dtype in TENSOR_CORE_DTYPES and tensor_cores_available(device)
-            limit = FUSED_MAX_BATCH_TENSOR_CORES if tensor_cores else FUSED_MAX_BATCH
+            limit = FUSED_MAX_BATCH
+            if tensor_cores:
+                limit = FUSED_MAX_BATCH_TENSOR_CORES.get(self.state_dtype, FUSED_MAX_BATCH)
             if fused_ok and use_graph and batch_size <= limit:
                 backend = "fused"
             else:
@@ -363,8 +368,9 @@ def _layer_step(
     if limit != (0.0, float("inf")):
         delta = delta.clamp(*limit)
     A = -torch.exp(A_log.float())
-    state = ssm_state * torch.exp(delta * A)[..., None, None] + (delta[..., None] * xs)[..., None] * B[:, :, None]
-    ssm_state.copy_(state)
+    state = ssm_state.float() * torch.exp(delta * A)[..., None, None]
+    state = state + (delta[..., None] * xs)[..., None] * B[:, :, None]
+    ssm_state.copy_(state)  # rounded once if the state is kept in the model dtype; y reads the float32 update
     y = ((state * C[:, :, None]).sum(-1) + D.float()[:, None] * xs).reshape(xs.shape[0], -1).to(dtype)
     # gated RMSNorm, norm_before_gate=False (§3.4 step 6)
     gated = (y.float() * F.silu(z.float())).unflatten(-1, (-1, group))

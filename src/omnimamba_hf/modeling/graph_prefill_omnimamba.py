@@ -23,7 +23,7 @@ import torch.nn.functional as F
 from transformers import DynamicCache
 
 from .graph_decode_omnimamba import capture_graph, fused_in_proj, mamba_kernels_for_decode, ssm_decay_rates
-from .mixer_omnimamba import TASKS
+from .mixer_omnimamba import TASKS, ssm_state_dtype
 
 MIN_CHUNK = 64
 
@@ -53,17 +53,15 @@ class OmniMambaGraphPrefill:
         self.dtype = lm.embeddings.weight.dtype
         self.use_graph = use_graph and self.device.type == "cuda"
         self.cache = DynamicCache(config=model.config.get_text_config(decoder=True))
-        state_dtype = torch.promote_types(self.dtype, torch.float32)  # SSM states: float32 (float64 for float64)
+        self.state_dtype = ssm_state_dtype(model.config, self.dtype)  # float32 unless config.ssm_state_dtype="model"
         for i, layer in enumerate(lm.layers):  # static, zero states: every chunk, the first included, continues them
             m = layer.mixer
             self.cache.update_conv_state(
                 torch.zeros(batch_size, m.conv_dim, m.conv_kernel_size, device=self.device, dtype=self.dtype), i,
                 conv_kernel_size=m.conv_kernel_size,
             )  # fmt: skip
-            self.cache.update_recurrent_state(
-                torch.zeros(batch_size, m.num_heads, m.head_dim, m.ssm_state_size, device=self.device, dtype=state_dtype),
-                i,
-            )  # fmt: skip
+            shape = (batch_size, m.num_heads, m.head_dim, m.ssm_state_size)
+            self.cache.update_recurrent_state(torch.zeros(shape, device=self.device, dtype=self.state_dtype), i)
         self._states = [(l.conv_states[0], l.recurrent_states[0]) for l in self.cache.layers]
         self.min_chunk = MIN_CHUNK
         self._chunks = {}  # (length, masked) -> (graph or None, embeds buffer, mask buffer, logits)

@@ -8,7 +8,7 @@ Two implementations of the same function:
 
 The recurrent state lives in a transformers `DynamicCache` whose layers are linear-attention layers (conv state =
 the last `conv_kernel` *pre-activation* xBC columns, recurrent state = the SSM state `[B, heads, head_dim, d_state]`
-kept in float32).
+kept in float32, or in the model's dtype with `config.ssm_state_dtype="model"`; see `ssm_state_dtype`).
 """
 
 from __future__ import annotations
@@ -162,6 +162,19 @@ def ssd_chunked_scan(
     return y, final_state
 
 
+def ssm_state_dtype(config, dtype: torch.dtype) -> torch.dtype:
+    """dtype of the SSM recurrent state of a model computing in `dtype`, per `config.ssm_state_dtype` (an
+    `OmniMambaConfig`): "float32" (float64 for float64 models) or "model" (`dtype` itself, as the original keeps it,
+    ORIGINAL-SPEC §5.3). Either way each update is computed in float32 (float64 for float64) and rounded once when
+    stored; the step's output reads the unrounded update, as mamba-ssm's `selective_state_update` does."""
+    choice = getattr(config, "ssm_state_dtype", "float32")
+    if choice == "model":
+        return dtype
+    if choice == "float32":
+        return torch.promote_types(dtype, torch.float32)
+    raise ValueError(f"config.ssm_state_dtype must be 'float32' or 'model', got {choice!r}.")
+
+
 def ssd_step(
     state: torch.Tensor, x: torch.Tensor, dt: torch.Tensor, A: torch.Tensor, B: torch.Tensor, C: torch.Tensor
 ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -218,9 +231,11 @@ class OmniMambaGatedRMSNorm(nn.Module):
 class OmniMambaMixer(nn.Module):
     """Mamba-2 mixer (mamba-ssm 2.2.2 semantics, §3.4) whose `in_proj` carries the task adapters."""
 
-    def __init__(self, config, layer_idx: int, rank: int, alpha: float, dropout: float):
+    def __init__(self, config, layer_idx: int, rank: int, alpha: float, dropout: float, state_config=None):
         super().__init__()
         self.layer_idx = layer_idx
+        # the OmniMambaConfig whose `ssm_state_dtype` is read when a cache gets its first state (None: float32)
+        self.state_config = state_config
         self.hidden_size = config.hidden_size
         self.num_heads = config.num_heads
         self.head_dim = config.head_dim
@@ -329,12 +344,12 @@ class OmniMambaMixer(nn.Module):
                 x, dt, A, B, C, self.chunk_size, D=self.D, z=None, dt_bias=self.dt_bias,
                 initial_states=initial, dt_softplus=True, dt_limit=self.time_step_limit, return_final_states=True,
             )  # fmt: skip
-            final = final.float()
         else:
             y, final = ssd_chunked_scan(x, self._dt(dt), A, B, C, self.chunk_size, initial)
             y = y + x.to(y.dtype) * self.D.to(y.dtype)[:, None]
-        if cache_params is not None:
-            cache_params.update_recurrent_state(final, self.layer_idx)
+        if cache_params is not None:  # a cache's first state fixes its dtype; later updates are cast into it
+            state_dtype = initial.dtype if initial is not None else ssm_state_dtype(self.state_config, xBC.dtype)
+            cache_params.update_recurrent_state(final.to(state_dtype), self.layer_idx)
         return y.reshape(batch, seq_len, -1).to(xBC.dtype)
 
     def _step(self, xBC, dt, A, weight, cache_params, kernels):
@@ -378,5 +393,6 @@ __all__ = [
     "OmniMambaMixer",
     "ssd_chunked_scan",
     "ssd_step",
+    "ssm_state_dtype",
     "mamba_kernels",
 ]

@@ -143,7 +143,7 @@ class OmniMambaBlock(GradientCheckpointingLayer):
         text = config.text_config
         self.norm = OmniMambaRMSNorm(text.hidden_size, eps=text.layer_norm_epsilon)
         self.mixer = OmniMambaMixer(
-            text, layer_idx, config.task_lora_rank, config.task_lora_alpha, config.task_lora_dropout
+            text, layer_idx, config.task_lora_rank, config.task_lora_alpha, config.task_lora_dropout, state_config=config
         )
 
     def forward(self, residual, hidden_dtype, task, cache_params=None, attention_mask=None):

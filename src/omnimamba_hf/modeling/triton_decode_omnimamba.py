@@ -281,7 +281,7 @@ if triton is not None:
         A = tl.load(A_ptr + h).to(tl.float32)
         D = tl.load(D_ptr + h).to(tl.float32)
         state_ptrs = ssm_ptr + b * stride_ssm + (h * P + p)[:, None] * N + n[None, :]
-        state = tl.load(state_ptrs)
+        state = tl.load(state_ptrs).to(tl.float32)  # kept in float32 or the model dtype (config.ssm_state_dtype)
         if PDL:
             gdc_launch_dependents()
             gdc_wait()  # `proj` is written by the in_proj kernel
@@ -307,7 +307,7 @@ if triton is not None:
         if HAS_LIMIT:
             delta = tl.minimum(tl.maximum(delta, dt_lo), dt_hi)
         state = state * tl.exp(delta * A) + (delta * x)[:, None] * Bv[None, :]
-        tl.store(state_ptrs, state)
+        tl.store(state_ptrs, state.to(ssm_ptr.dtype.element_ty))  # y below reads the unrounded float32 update
         y = tl.sum(state * Cv[None, :], axis=1) + D * x
         y = y.to(proj_ptr.dtype.element_ty).to(tl.float32)  # the state update's output is in the model dtype
         gated = y * (z / (1.0 + tl.exp(-z)))  # gate before the norm (norm_before_gate=False, §3.4 step 6)
