@@ -53,20 +53,25 @@ def main():
     config = tiny_config()
     model = randomize_routing_(OmniMambaForConditionalGeneration(config).eval(), seed=1, scale=0.3)
     V, results = config.text_vocab_size, []
+
+    def prefilled_decoders(task, prompt):
+        """(PyTorch-step decoder, fused decoder), both holding the states of an eager prefill of `prompt`."""
+        cache = DynamicCache(config=config.get_text_config(decoder=True))
+        with torch.no_grad():
+            model(input_ids=prompt, task=task, cache_params=cache, use_cache=True)
+        pair = [OmniMambaGraphDecoder(model, task, prompt.shape[0], compile=False, use_graph=False, backend=backend)
+                for backend in ("inductor", "fused")]  # fmt: skip
+        assert pair[1].backend == "fused"
+        for decoder in pair:
+            decoder.load_state(cache)
+        return pair
+
     for task in ("t2i", "mmu"):
         # 3: the batched CUDA-core GEMV (rows padded to 4 inside, one masked); 5: the tensor-core GEMM path (rows
         # padded to 16; bf16 on the GPU, run here in float32 with exact dots)
         for batch in (1, 3, 5):
             g = torch.Generator().manual_seed(batch)
-            prompt = torch.randint(0, 200, (batch, 6), generator=g)
-            cache = DynamicCache(config=config.get_text_config(decoder=True))
-            with torch.no_grad():
-                model(input_ids=prompt, task=task, cache_params=cache, use_cache=True)
-            ref = OmniMambaGraphDecoder(model, task, batch, compile=False, use_graph=False, backend="inductor")
-            fused = OmniMambaGraphDecoder(model, task, batch, compile=False, use_graph=False, backend="fused")
-            assert fused.backend == "fused"
-            ref.load_state(cache)
-            fused.load_state(cache)
+            ref, fused = prefilled_decoders(task, torch.randint(0, 200, (batch, 6), generator=g))
             start = ref.ssm.clone()
             for step in range(4):
                 ids = torch.randint(0, 50, (batch,), generator=g) + (V if task == "t2i" else 100)
@@ -78,14 +83,7 @@ def main():
     # the SSM state kept in bf16 (what config.ssm_state_dtype="model" gives a bf16 model): the kernel loads it, updates
     # it in float32 and stores it rounded. The interpreter rounds by truncation, the PyTorch step to nearest, so this
     # case is compared at bf16 accuracy (tests/gpu compares it compiled)
-    cache = DynamicCache(config=config.get_text_config(decoder=True))
-    prompt = torch.randint(0, 200, (3, 6), generator=torch.Generator().manual_seed(5))
-    with torch.no_grad():
-        model(input_ids=prompt, task="t2i", cache_params=cache, use_cache=True)
-    ref = OmniMambaGraphDecoder(model, "t2i", 3, compile=False, use_graph=False, backend="inductor")
-    fused = OmniMambaGraphDecoder(model, "t2i", 3, compile=False, use_graph=False, backend="fused")
-    ref.load_state(cache)
-    fused.load_state(cache)
+    ref, fused = prefilled_decoders("t2i", torch.randint(0, 200, (3, 6), generator=torch.Generator().manual_seed(5)))
     ref.ssm, fused.ssm = ref.ssm.bfloat16(), fused.ssm.bfloat16()
     start = ref.ssm.clone()
     for step in range(4):
@@ -99,14 +97,7 @@ def main():
     for layer in model.model.language_model.layers:
         layer.mixer.in_proj.task_adapters["t2i"].down.weight.data.mul_(-2.0)
         layer.mixer.A_log.data.add_(0.5)
-    cache = DynamicCache(config=config.get_text_config(decoder=True))
-    prompt = torch.randint(0, 200, (1, 6), generator=torch.Generator().manual_seed(7))
-    with torch.no_grad():
-        model(input_ids=prompt, task="t2i", cache_params=cache, use_cache=True)
-    ref = OmniMambaGraphDecoder(model, "t2i", 1, compile=False, use_graph=False, backend="inductor")
-    fused = OmniMambaGraphDecoder(model, "t2i", 1, compile=False, use_graph=False, backend="fused")
-    ref.load_state(cache)
-    fused.load_state(cache)
+    ref, fused = prefilled_decoders("t2i", torch.randint(0, 200, (1, 6), generator=torch.Generator().manual_seed(7)))
     ids = torch.tensor([V + 3])
     results.append(dict(task="t2i-retrained", batch=1, step=0, logits=rel(fused.step(ids, 6), ref.step(ids, 6)),
                         conv=rel(fused.conv, ref.conv), ssm=rel(fused.ssm, ref.ssm), moved=1.0))  # fmt: skip
