@@ -199,7 +199,7 @@ def time_fused_vs_kernels(model, batches):
         for task in ("t2i", "mmu"):
             tok = torch.full((batch,), V + 1 if task == "t2i" else 100, device="cuda")
             times = {}
-            for backend in ("fused", "kernels"):
+            for backend in ("fused", "kernels", "hybrid"):
                 try:
                     dec = OmniMambaGraphDecoder(model, task, batch, backend=backend)
                     times[backend] = event_ms(lambda: dec.step(tok, 80))
@@ -208,7 +208,8 @@ def time_fused_vs_kernels(model, batches):
                     print(f"batch {batch} {task} {backend}: {type(exc).__name__}: {str(exc)[:120]}")
                     times[backend] = float("nan")
             print(f"batch {batch} {task}: fused (tensor cores) {times['fused']:.3f} ms/step, kernels "
-                  f"{times['kernels']:.3f} ms/step ({times['kernels'] / times['fused']:.2f}x)")  # fmt: skip
+                  f"{times['kernels']:.3f} ms/step ({times['kernels'] / times['fused']:.2f}x), hybrid "
+                  f"{times['hybrid']:.3f} ms/step")  # fmt: skip
 
 
 def main():
@@ -219,6 +220,7 @@ def main():
     parser.add_argument("--tensor-core-sweep", default="", help="e.g. 4,8,16,32,64: tune the batched GEMVs, time steps")
     parser.add_argument("--no-tune", action="store_true", help="with --tensor-core-sweep: time steps only")
     parser.add_argument("--kernel-breakdown", default="", help="e.g. 1,4,16: per-kernel time of one fused step")
+    parser.add_argument("--profile-batch", type=int, default=1, help="batch size of the kernel-level profile")
     parser.add_argument("--ssm-state-dtype", default="float32", choices=["float32", "model"],
                         help="config.ssm_state_dtype: the recurrent state in float32 or in the model dtype (bf16)")
     args = parser.parse_args()
@@ -272,8 +274,8 @@ def main():
             print(f"fused step, PDL {'on' if pdl == '1' else 'off'}: {event_ms(lambda: dec.step(tok, 80)):.3f} ms")
     for backend in backends:
         model.reset_graph_decoders()
-        dec = model.graph_decoder("t2i", 1, backend=backend)
-        tok = torch.full((1,), V + 1, device="cuda")
+        dec = model.graph_decoder("t2i", args.profile_batch, backend=backend)
+        tok = torch.full((args.profile_batch,), V + 1, device="cuda")
         graph_ms = event_ms(lambda: dec.step(tok, 80))
         with torch.no_grad():
             for _ in range(5):
@@ -286,7 +288,7 @@ def main():
         events = [e for e in prof.key_averages() if e.device_type.name == "CUDA" or getattr(e, "self_device_time_total", 0)]
         total = sum(getattr(e, "self_device_time_total", 0) for e in events) / 10 / 1e3
         count = sum(e.count for e in events) / 10
-        print(f"\n== backend {backend}: graph replay {graph_ms:.3f} ms/step; kernels {count:.0f}/step, "
+        print(f"\n== backend {backend}, batch {args.profile_batch}: graph replay {graph_ms:.3f} ms/step; kernels {count:.0f}/step, "
               f"sum of kernel time {total:.3f} ms/step")  # fmt: skip
         print(prof.key_averages().table(sort_by="self_device_time_total", row_limit=14, max_name_column_width=60))
 

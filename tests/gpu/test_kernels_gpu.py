@@ -87,7 +87,7 @@ def test_kernel_path_equals_torch_path(model, task):
         assert torch.equal(a, b)
 
 
-@pytest.mark.parametrize("backend", ["fused", "kernels", "inductor"])
+@pytest.mark.parametrize("backend", ["fused", "kernels", "hybrid", "inductor"])
 @pytest.mark.parametrize("task", ["t2i", "mmu"])
 def test_cuda_graph_decoder_equals_eager(model, task, backend):
     use_kernels(True)
@@ -153,7 +153,7 @@ def test_fused_training_path_equals_unfused(model):
 
 
 @pytest.mark.parametrize("state", ["float32", "model"])
-@pytest.mark.parametrize("batch", [1, 4, 8, 16, 32])
+@pytest.mark.parametrize("batch", [1, 4, 8, 16, 32, 64])
 @pytest.mark.parametrize("task", ["t2i", "mmu"])
 def test_fused_step_equals_torch_step(model, task, batch, state):
     """The fused Triton step (3 launches per layer, CUDA graph) against the PyTorch step from the same prefilled
@@ -183,23 +183,29 @@ def _compare_fused_step(model, gold_model, task, batch, state):
     g = torch.Generator(device="cuda").manual_seed(batch)
     prompt = torch.randint(0, 50000, (batch, 40), device="cuda", generator=g)
     decoders = {}
-    for name, m, backend in (("torch", model, "inductor"), ("fused", model, "fused"), ("gold", gold_model, "inductor")):
+    runs = [("torch", model, "inductor"), ("fused", model, "fused"), ("gold", gold_model, "inductor")]
+    if batch >= 16:  # the large-batch backend: cuBLAS projections around the package's conv + SSM kernel
+        runs.append(("hybrid", model, "hybrid"))
+    for name, m, backend in runs:
         cache = DynamicCache(config=config.get_text_config(decoder=True))
         with torch.no_grad():
             m(input_ids=prompt, task=task, cache_params=cache, use_cache=True)
-        decoders[name] = OmniMambaGraphDecoder(m, task, batch, compile=False, use_graph=backend == "fused", backend=backend)
+        graph = backend in ("fused", "hybrid")
+        decoders[name] = OmniMambaGraphDecoder(m, task, batch, compile=False, use_graph=graph, backend=backend)
         decoders[name].load_state(cache)
     expected = torch.bfloat16 if state == "model" and not strict(model) else torch.float32
     assert decoders["torch"].ssm.dtype == decoders["fused"].ssm.dtype == expected
-    auto = OmniMambaGraphDecoder(model, task, batch).backend  # what generate() picks (bf16 on tensor cores to 16 / 32)
-    assert auto == ("fused" if batch <= (3 if strict(model) else 16 if expected == torch.float32 else 32) else "kernels")
-    errs = {"torch": [], "fused": []}
+    auto = OmniMambaGraphDecoder(model, task, batch).backend  # what generate() picks (bf16: tensor cores to 16)
+    large = "hybrid" if expected == torch.bfloat16 else "kernels"
+    assert auto == ("fused" if batch <= (3 if strict(model) else 16) else large), auto
+    tested = [name for name in ("fused", "hybrid") if name in decoders]
+    errs = {name: [] for name in ["torch"] + tested}
     for step in range(8):
         ids = torch.randint(0, 16000, (batch,), device="cuda", generator=g) + (config.text_vocab_size if task == "t2i" else 0)
         out = {name: d.step(ids, 40 + step).clone() for name, d in decoders.items()}
         ref = decoders["gold"] if not strict(model) else decoders["torch"]
         ref_logits = out["gold"] if not strict(model) else out["torch"]
-        for name in ("torch", "fused") if not strict(model) else ("fused",):
+        for name in ["torch"] + tested if not strict(model) else tested:
             d = decoders[name]
             errs[name].append((rel_err(out[name], ref_logits), rel_err(d.ssm, ref.ssm), rel_err(d.conv, ref.conv)))
     worst = {k: [max(e[i] for e in v) for i in range(3)] for k, v in errs.items() if v}
@@ -207,11 +213,12 @@ def _compare_fused_step(model, gold_model, task, batch, state):
         against = "fp32 copy" if not strict(model) else "PyTorch step"
         print(f"\n[{model.dtype}, {state} state] {task} batch {batch}: {name} step vs {against} over 8 steps, "
               f"rel. error logits {w[0]:.2e}, ssm state {w[1]:.2e}, conv state {w[2]:.2e}")  # fmt: skip
-    if strict(model):
-        assert max(worst["fused"]) < 1e-5
-    else:
-        for i in range(3):
-            assert worst["fused"][i] < 1.5 * worst["torch"][i] + 1e-3, (worst, i)
+    for name in tested:
+        if strict(model):
+            assert max(worst[name]) < 1e-5, (name, worst)
+        else:
+            for i in range(3):
+                assert worst[name][i] < 1.5 * worst["torch"][i] + 1e-3, (name, worst, i)
 
 
 @pytest.mark.parametrize("case", ["t2i", "mmu", "mmu-padded-batch", "mmu-remainder-1", "mmu-remainder-2", "mmu-remainder-3"])
@@ -296,21 +303,24 @@ def test_recapture_after_reset_graph_decoders(model):
 
 
 def greedy_on_both_paths(model, mmu: dict, t2i_ids, batches, **text_kwargs):
-    """Greedy MMU and T2I generation on the PyTorch path (eager, kernels off) and on two kernel paths (`generate` on
-    CUDA graphs): "kernels" with the backends "auto" picks (the fused Triton step: CUDA-core GEMVs up to batch 3,
-    tensor-core GEMMs beyond, in bf16) and "mamba" with the fused step only up to batch 3 and mamba-ssm + cuBLAS
-    beyond (what "auto" picks past 16 rows, or 32 with a bf16 state), for the first `batch` rows of each batch
-    size. Returns `{(path, batch): (text sequences, text logits [B, steps, V], image sequences, image logits)}` and
+    """Greedy MMU and T2I generation on the PyTorch path (eager, kernels off) and on three kernel paths (`generate`
+    on CUDA graphs): "kernels" with the backends "auto" picks (the fused Triton step: CUDA-core GEMVs up to batch 3,
+    tensor-core GEMMs beyond, in bf16), "mamba" with the fused step only up to batch 3 and mamba-ssm + cuBLAS beyond
+    (what "auto" picks past 16 rows with a float32 state) and "hybrid" with the hybrid backend beyond batch 3 (what
+    "auto" picks past 16 rows with a bf16 state), for the first `batch` rows of each batch size. Returns `{(path, batch): (text sequences, text logits [B, steps, V], image sequences, image logits)}` and
     the backends the graph decoders ran with (`{(path, task, batch): backend}`)."""
     import time
 
     from omnimamba_hf.modeling import graph_decode_omnimamba as G
 
-    runs, backends, limit = {}, {}, G.FUSED_MAX_BATCH_TENSOR_CORES
-    for path, kernels, decoder in (("torch", False, "eager"), ("kernels", True, "cuda_graph"), ("mamba", True, "cuda_graph")):
+    runs, backends, limit, large = {}, {}, G.FUSED_MAX_BATCH_TENSOR_CORES, G.LARGE_BATCH_BACKEND
+    paths = (("torch", False, "eager"), ("kernels", True, "cuda_graph"), ("mamba", True, "cuda_graph"),
+             ("hybrid", True, "cuda_graph"))  # fmt: skip
+    for path, kernels, decoder in paths:
         use_kernels(kernels)
         model.reset_graph_decoders()
-        G.FUSED_MAX_BATCH_TENSOR_CORES = {k: G.FUSED_MAX_BATCH for k in limit} if path == "mamba" else limit
+        G.FUSED_MAX_BATCH_TENSOR_CORES = G.FUSED_MAX_BATCH if path in ("mamba", "hybrid") else limit
+        G.LARGE_BATCH_BACKEND = {"mamba": {}, "hybrid": {model.dtype: "hybrid", torch.float32: "hybrid"}}.get(path, large)
         try:
             for batch in batches:
                 t0 = time.time()
@@ -324,7 +334,7 @@ def greedy_on_both_paths(model, mmu: dict, t2i_ids, batches, **text_kwargs):
                                      torch.stack(image.logits, 1))  # fmt: skip
                 print(f"  {path} path, batch {batch}: {time.time() - t0:.1f} s")
         finally:
-            G.FUSED_MAX_BATCH_TENSOR_CORES = limit
+            G.FUSED_MAX_BATCH_TENSOR_CORES, G.LARGE_BATCH_BACKEND = limit, large
         decoders = model.__dict__.get("_omnimamba_graph_decoders", {})
         backends.update({(path, k[0], k[1]): d.backend for k, d in decoders.items()})
     use_kernels(True)
@@ -373,11 +383,12 @@ def test_trained_model_bf16_kernel_path_equals_torch_path():
         model.config.ssm_state_dtype = state
         runs, backends = greedy_on_both_paths(model, dict(mmu), t2i["input_ids"], (n,), eos_token_id=never)
         assert backends[("kernels", "mmu", n)] == "fused" and backends[("mamba", "mmu", n)] == "kernels"
+        assert backends[("hybrid", "mmu", n)] == "hybrid"
         ts, tl, its, il = runs["torch", n]
         new = ts.shape[1] - start
         assert new >= 16  # the demo's 56-row MMU position table leaves 28 after the prompt
         answers = processor.batch_decode(ts[:, start:][:, :4], skip_special_tokens=True)
-        for path in ("kernels", "mamba"):
+        for path in ("kernels", "mamba", "hybrid"):
             ks, kl, iks, ikl = runs[path, n]
             errs = (rel_err(kl, tl), rel_err(ikl, il))
             diverged, prefix_err, margins = common_prefix(ts[:, start:], tl, ks[:, start:], kl)
@@ -566,14 +577,16 @@ def compare_trained_paths(model, mmu, mmu_prompt, mmu_answer, t2i_prompt, t2i_an
     # the graph decoders really ran, with the backends "auto" picks (and, on the "mamba" path, past its limit)
     for task_ in ("mmu", "t2i"):
         assert backends[("kernels", task_, 4)] == "fused" and backends[("mamba", task_, 4)] == "kernels"
-        assert backends[("kernels", task_, 1)] == backends[("mamba", task_, 1)] == "fused"
+        assert backends[("hybrid", task_, 4)] == "hybrid"
+        assert backends[("kernels", task_, 1)] == backends[("mamba", task_, 1)] == backends[("hybrid", task_, 1)] == "fused"
     tt, tl, ti, til = runs["torch", 4]
     learned = ((tt.cpu() == mmu_answer).float().mean().item(), (ti.cpu() == t2i_answer).float().mean().item())
     # (fraction of tokens on the expected walk: the start from the key, then the cycle)
     assert min(learned) > 0.95, "the fine-tune did not converge: the comparison would be on near-tied logits"
     assert tt.shape[1] == 64 and ti.shape[1] == config.num_generated_image_tokens
     single_errs = (rel_err(runs["kernels", 1][1], runs["torch", 1][1]), rel_err(runs["kernels", 1][3], runs["torch", 1][3]))
-    for path, label in (("kernels", "fused step, tensor cores"), ("mamba", "mamba-ssm kernels + cuBLAS")):
+    for path, label in (("kernels", "fused step, tensor cores"), ("mamba", "mamba-ssm kernels + cuBLAS"),
+                        ("hybrid", "cuBLAS + conv/SSM kernel")):  # fmt: skip
         kt, kl, ki, kil = runs[path, 4]
         errs = (rel_err(kl, tl), rel_err(kil, til))
         print(f"[1.3B trained here, bf16, {state} state] kernel path ({label}) vs PyTorch path, batch 4: MMU "
@@ -583,6 +596,6 @@ def compare_trained_paths(model, mmu, mmu_prompt, mmu_answer, t2i_prompt, t2i_an
               f"{learned[0]:.3f}, T2I {learned[1]:.3f}")  # fmt: skip
         assert torch.equal(tt, kt) and torch.equal(ti, ki)
         assert max(errs + single_errs) < 1e-2
-    for path in ("torch", "kernels", "mamba"):  # batch 1 == row 0 of batch 4, on each path
+    for path in ("torch", "kernels", "mamba", "hybrid"):  # batch 1 == row 0 of batch 4, on each path
         assert torch.equal(runs[path, 1][0], runs[path, 4][0][:1]) and torch.equal(runs[path, 1][2], runs[path, 4][2][:1])
     return runs["torch", 4]

@@ -126,8 +126,9 @@ class OmniMambaGenerationMixin(GenerationMixin):
     ) -> OmniMambaGraphDecoder:
         """The cached static-state decoder for (task, batch size, dtype, state dtype, device); built on first use.
         `backend`: "fused" (this package's Triton step), "kernels" (mamba-ssm / causal-conv1d kernels + cuBLAS),
-        "inductor" (torch.compile) or "auto" (fused where Triton runs up to batch 3, or in bfloat16 16 — 32 with the
-        SSM state in bf16; else kernels when installed, else inductor)."""
+        "hybrid" (the kernels backend with this package's conv + SSM kernel), "inductor" (torch.compile) or "auto"
+        (fused where Triton runs up to batch 3, or 16 in bfloat16; beyond, hybrid with a bf16 SSM state, else
+        kernels when installed, else inductor)."""
         key = (task, batch_size, self.dtype, ssm_state_dtype(self.config, self.dtype), self.device, decoder, backend)
         decoders = self.__dict__.setdefault("_omnimamba_graph_decoders", {})
         if key not in decoders:

@@ -3,9 +3,10 @@
 A recurrent model decodes with a constant-size state, so one decode step has fully static shapes: the token ids and
 positions of the batch, the conv state `[layers, B, conv_dim, K]` and the SSM state `[layers, B, heads, head_dim,
 d_state]` (float32, or the model's dtype with `config.ssm_state_dtype="model"`). The step is written as one function
-over preallocated buffers (backends: this package's fused Triton kernels, mamba-ssm's kernels + cuBLAS, or the
-PyTorch step compiled by torch.compile) and captured once in a CUDA graph, so a decode step costs one graph replay: launch overhead disappears and the step approaches the time to read
-the weights once (the memory floor). The task LoRA stays exact: `x Wᵀ + s · up(down(x))` with the task's adapter,
+over preallocated buffers (backends: this package's fused Triton kernels, mamba-ssm's kernels + cuBLAS, the two
+mixed for large batches, or the PyTorch step compiled by torch.compile) and captured once in a CUDA graph, so a
+decode step costs one graph replay: launch overhead disappears and the step approaches the time to read the weights
+once (the memory floor). The task LoRA stays exact: `x Wᵀ + s · up(down(x))` with the task's adapter,
 not merged into the base weight.
 
 The prefill (graph_prefill_omnimamba.py on "cuda_graph", else the eager forward) leaves its final states in a
@@ -29,11 +30,14 @@ from .mixer_omnimamba import TASKS, mamba_kernels, ssm_state_dtype
 # tile once for all rows, but multiply on CUDA cores), then, in bfloat16, its tensor-core GEMMs
 # (triton_decode_omnimamba.launch_configs). H100, bf16, ms per T2I step, fused vs mamba-ssm kernels + cuBLAS: b1 1.27 vs
 # 2.15, b4 1.81 vs 2.45, b8 2.25 vs 2.75, b16 3.08 vs 3.39, b32 4.91 vs 4.71, b64 8.77 vs 7.25; CUDA-core GEMVs at b4:
-# 2.60 (docs/benchmarks/2026-11-24-h100-session5/tensor_core_steps.log). Beyond 16 rows: the kernels backend. With the
-# SSM state in bf16 (config.ssm_state_dtype="model") the fused step wins to 32 rows: b16 2.60 vs 3.22, b32 4.00 vs
-# 4.27, b64 6.90 vs 6.25 (docs/benchmarks/2026-11-24-h100-session6/steps_state_model.log). Keyed by the state dtype.
+# 2.60 (docs/benchmarks/2026-11-24-h100-session5/tensor_core_steps.log). Beyond 16 rows: the kernels backend, or, with
+# the SSM state in bf16 (config.ssm_state_dtype="model"), the hybrid one (mamba-ssm's state update streams a bf16
+# state slowly). T2I, bf16 state, fused / kernels / hybrid: b16 2.60 / 3.21 / 3.01, b32 4.01 / 4.27 / 3.89, b64
+# 6.88 / 6.25 / 5.65; float32 state: b32 4.92 / 4.71 / 4.83, b64 8.79 / 7.26 / 7.78
+# (docs/benchmarks/2026-11-24-h100-session6/steps_hybrid_state_*.log).
 FUSED_MAX_BATCH = 3
-FUSED_MAX_BATCH_TENSOR_CORES = {torch.float32: 16, torch.bfloat16: 32}
+FUSED_MAX_BATCH_TENSOR_CORES = 16
+LARGE_BATCH_BACKEND = {torch.bfloat16: "hybrid"}  # by SSM state dtype; "kernels" for the others
 
 
 @torch.no_grad()
@@ -133,32 +137,34 @@ class OmniMambaGraphDecoder:
         )  # fmt: skip
         # backend "fused": this package's Triton kernels, 3 launches per layer (triton_decode_omnimamba.py);
         # "kernels": mamba-ssm's fused Triton kernels (add+RMSNorm, conv update, state update, gated norm) + cuBLAS,
-        # ~7 launches per layer; "inductor": the PyTorch step compiled once per layer shape by torch.compile.
+        # ~7 launches per layer; "hybrid": the "kernels" backend with this package's conv + SSM kernel in place of
+        # causal-conv1d's conv update and mamba-ssm's state update (which streams the state at ~56% of copy bandwidth
+        # at 64 rows); "inductor": the PyTorch step compiled once per layer shape by torch.compile.
         kernels = mamba_kernels_for_decode() if device.type == "cuda" else None
         fused_ok = fused_decode_available(device.type) and _fused_supports(mixer)
         if backend == "auto":
             tensor_cores = self.dtype in TENSOR_CORE_DTYPES and tensor_cores_available(device)
-            limit = FUSED_MAX_BATCH
-            if tensor_cores:
-                limit = FUSED_MAX_BATCH_TENSOR_CORES.get(self.state_dtype, FUSED_MAX_BATCH)
+            limit = FUSED_MAX_BATCH_TENSOR_CORES if tensor_cores else FUSED_MAX_BATCH
             if fused_ok and use_graph and batch_size <= limit:
                 backend = "fused"
+            elif kernels is not None and use_graph:
+                backend = LARGE_BATCH_BACKEND.get(self.state_dtype, "kernels") if fused_ok else "kernels"
             else:
-                backend = "kernels" if kernels is not None and use_graph else "inductor"
-        if backend == "kernels" and kernels is None:
-            raise ValueError("backend='kernels' needs mamba-ssm and causal-conv1d on a CUDA device.")
-        if backend == "fused" and not fused_ok:
+                backend = "inductor"
+        if backend in ("kernels", "hybrid") and kernels is None:
+            raise ValueError(f"backend={backend!r} needs mamba-ssm and causal-conv1d on a CUDA device.")
+        if backend in ("fused", "hybrid") and not fused_ok:
             raise ValueError(
-                "backend='fused' needs Triton on a CUDA device (or TRITON_INTERPRET=1 on CPU) and a mixer with "
+                f"backend={backend!r} needs Triton on a CUDA device (or TRITON_INTERPRET=1 on CPU) and a mixer with "
                 "power-of-two head_dim / state size / adapter rank / conv width and one gated-norm group."
             )
         self.backend = backend
         self._kernels = kernels
         self._fused_in_proj = None
-        if backend in ("kernels", "fused"):
+        if backend in ("kernels", "fused", "hybrid"):
             self._A = ssm_decay_rates(model)
             self._fused_in_proj = fused_in_proj(model)
-        if backend == "fused":
+        if backend in ("fused", "hybrid"):
             hidden = text.hidden_size
             self._residual = torch.zeros(batch_size, hidden, device=device, dtype=torch.float32)
             self._proj = torch.zeros(batch_size, self._fused_in_proj[0].shape[0], device=device, dtype=self.dtype)
@@ -172,7 +178,9 @@ class OmniMambaGraphDecoder:
         # One layer is compiled once and reused by all layers (same shapes): a few seconds of compilation, not minutes.
         compiled = compile and backend == "inductor"
         self._layer = torch.compile(_layer_step, fullgraph=True, dynamic=False) if compiled else _layer_step
-        self._fn = {"kernels": self._step_kernels, "fused": self._step_fused}.get(backend, self._step)
+        self._fn = {"kernels": self._step_kernels, "fused": self._step_fused, "hybrid": self._step_hybrid}.get(
+            backend, self._step
+        )
         self._graph = None
         self._use_graph = use_graph and device.type == "cuda"
 
@@ -217,6 +225,38 @@ class OmniMambaGraphDecoder:
         codes = self.ids - self.model.config.text_vocab_size
         return m.image_embeddings(codes).to(self.dtype) + m.t2i_position_embeddings[0][self.positions].to(self.dtype)
 
+    def _add_norm(self, layer, hidden, residual):
+        """mamba-ssm's fused residual add + prenorm RMSNorm: (normed input of `layer`'s mixer, new residual)."""
+        return self._kernels.layer_norm_fn(
+            hidden, layer.norm.weight, None, residual=residual, prenorm=True, residual_in_fp32=True,
+            eps=layer.norm.variance_epsilon, is_rms_norm=True,
+        )  # fmt: skip
+
+    def _final_norm_and_head(self, hidden, residual):
+        lm = self.model.model.language_model
+        hidden = self._kernels.layer_norm_fn(
+            hidden, lm.norm_f.weight, None, residual=residual, prenorm=False, residual_in_fp32=True,
+            eps=lm.norm_f.variance_epsilon, is_rms_norm=True,
+        )  # fmt: skip
+        head = self.model.lm_head if self.task == "mmu" else self.model.image_head
+        self.logits.copy_(head(hidden))
+
+    def _conv_ssm(self, i, mixer, adapter_offset, block_p):
+        """This package's conv + SSM kernel on layer `i`: `self._proj` → `self._gated` (+ B/C inputs, sums of
+        squares)."""
+        conv_ssm_step(
+            self._proj, mixer.in_proj.task_adapters[self.task].up.weight, mixer.in_proj.scaling, adapter_offset,
+            self.conv[i], mixer.conv1d.weight, mixer.conv1d.bias, mixer.dt_bias, self._A[i], mixer.D,
+            self.ssm[i], self._gated, self._bc_new, self._gated_sumsq, d_inner=mixer.intermediate_size,
+            heads=mixer.num_heads, groups=mixer.n_groups, head_dim=mixer.head_dim, d_state=mixer.ssm_state_size,
+            time_step_limit=tuple(mixer.time_step_limit), block_p=block_p,
+        )  # fmt: skip
+
+    def _adapter_offset(self) -> int:
+        """Column of this task's `down` outputs in a row of the fused in_proj GEMV's output."""
+        in_proj = self.model.model.language_model.layers[0].mixer.in_proj
+        return in_proj.weight.shape[0] + in_proj.task_adapters[self.task].down.weight.shape[0] * TASKS.index(self.task)
+
     def _step_kernels(self):
         """The same step on mamba-ssm / causal-conv1d kernels (the original's `Mamba2.step` + fused add-norm)."""
         k = self._kernels
@@ -224,10 +264,7 @@ class OmniMambaGraphDecoder:
         hidden, residual = self._embed(), None
         for i, layer in enumerate(lm.layers):
             mixer = layer.mixer
-            x, residual = k.layer_norm_fn(
-                hidden, layer.norm.weight, None, residual=residual, prenorm=True, residual_in_fp32=True,
-                eps=layer.norm.variance_epsilon, is_rms_norm=True,
-            )  # fmt: skip
+            x, residual = self._add_norm(layer, hidden, residual)
             adapter = mixer.in_proj.task_adapters[self.task]
             both = F.linear(x, self._fused_in_proj[i])  # [z ‖ xBC ‖ dt ‖ down_mmu(x) ‖ down_t2i(x)]
             width, rank = mixer.in_proj.weight.shape[0], adapter.down.weight.shape[0]
@@ -250,19 +287,35 @@ class OmniMambaGraphDecoder:
                 group_size=mixer.norm.group_size, norm_before_gate=False,
             )  # fmt: skip
             hidden = mixer.out_proj(y)
-        hidden = k.layer_norm_fn(
-            hidden, lm.norm_f.weight, None, residual=residual, prenorm=False, residual_in_fp32=True,
-            eps=lm.norm_f.variance_epsilon, is_rms_norm=True,
-        )  # fmt: skip
-        head = self.model.lm_head if self.task == "mmu" else self.model.image_head
-        self.logits.copy_(head(hidden))
+        self._final_norm_and_head(hidden, residual)
+
+    def _step_hybrid(self):
+        """The "kernels" step with the conv + SSM part on this package's kernel (for large batches): cuBLAS
+        projections, mamba-ssm's fused add + RMSNorm and gated RMSNorm, `conv_ssm_step` in between."""
+        k = self._kernels
+        lm = self.model.model.language_model
+        adapter_offset = self._adapter_offset()
+        block_p = launch_configs(self.batch_size, self.dtype, self._residual.device)["ssm_block_p"]
+        hidden, residual = self._embed(), None
+        for i, layer in enumerate(lm.layers):
+            mixer = layer.mixer
+            x, residual = self._add_norm(layer, hidden, residual)
+            torch.matmul(x, self._fused_in_proj[i].t(), out=self._proj)  # [z ‖ xBC ‖ dt ‖ down_mmu ‖ down_t2i]
+            self._conv_ssm(i, mixer, adapter_offset, block_p)
+            # the B/C conv channels are shared by all heads: shifted after the kernel (which reads their old window)
+            bc = self.conv[i][:, mixer.intermediate_size :]
+            bc.copy_(torch.cat([bc[..., 1:], self._bc_new[..., None]], dim=-1))
+            y = k.rmsnorm_fn(
+                self._gated, mixer.norm.weight, None, eps=mixer.norm.variance_epsilon, group_size=mixer.norm.group_size,
+                norm_before_gate=False,
+            )  # fmt: skip  (the gate is already in `_gated`)
+            hidden = mixer.out_proj(y.to(self.dtype))
+        self._final_norm_and_head(hidden, residual)
 
     def _step_fused(self):
         """The same step in 3 Triton launches per layer (+ embedding and head); see triton_decode_omnimamba.py."""
         lm = self.model.model.language_model
-        mixer0 = lm.layers[0].mixer
-        width, rank = mixer0.in_proj.weight.shape[0], mixer0.in_proj.task_adapters[self.task].down.weight.shape[0]
-        adapter_offset = width + rank * TASKS.index(self.task)
+        adapter_offset = self._adapter_offset()
         launch = launch_configs(self.batch_size, self.dtype, self._residual.device)
         self._residual.copy_(self._embed())
         for i, layer in enumerate(lm.layers):
@@ -271,13 +324,7 @@ class OmniMambaGraphDecoder:
                 self._residual, layer.norm.weight, self._fused_in_proj[i], self._proj, layer.norm.variance_epsilon,
                 workspace=self._split_k, **launch["in_proj"],
             )  # fmt: skip
-            conv_ssm_step(
-                self._proj, mixer.in_proj.task_adapters[self.task].up.weight, mixer.in_proj.scaling, adapter_offset,
-                self.conv[i], mixer.conv1d.weight, mixer.conv1d.bias, mixer.dt_bias, self._A[i], mixer.D,
-                self.ssm[i], self._gated, self._bc_new, self._gated_sumsq, d_inner=mixer.intermediate_size,
-                heads=mixer.num_heads, groups=mixer.n_groups, head_dim=mixer.head_dim, d_state=mixer.ssm_state_size,
-                time_step_limit=tuple(mixer.time_step_limit), block_p=launch["ssm_block_p"],
-            )  # fmt: skip
+            self._conv_ssm(i, mixer, adapter_offset, launch["ssm_block_p"])
             gated_norm_gemv(
                 self._gated, mixer.norm.weight, mixer.out_proj.weight, self._residual, self.conv[i], self._bc_new,
                 mixer.norm.variance_epsilon, d_inner=mixer.intermediate_size, out_dtype=self.dtype, workspace=self._split_k,
