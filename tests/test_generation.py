@@ -369,7 +369,7 @@ def test_state_in_model_dtype_is_the_float32_update_rounded_once(model, config):
                 if round_after_update:
                     for layer in cache.layers:
                         layer.recurrent_states[0].copy_(layer.recurrent_states[0].bfloat16())
-                out = m16(input_ids=ids[:, None] + 0, task="t2i", cache_params=cache, use_cache=True,
+                out = m16(input_ids=ids[:, None], task="t2i", cache_params=cache, use_cache=True,
                           position_ids=torch.full((2, 1), start + k))  # fmt: skip
                 logits.append(out.logits[:, -1])
         return torch.stack(logits), cache

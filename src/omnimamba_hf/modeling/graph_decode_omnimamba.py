@@ -164,17 +164,17 @@ class OmniMambaGraphDecoder:
         if backend in ("kernels", "fused", "hybrid"):
             self._A = ssm_decay_rates(model)
             self._fused_in_proj = fused_in_proj(model)
-        if backend in ("fused", "hybrid"):
-            hidden = text.hidden_size
-            self._residual = torch.zeros(batch_size, hidden, device=device, dtype=torch.float32)
+        if backend in ("fused", "hybrid"):  # the buffers of the conv + SSM kernel
             self._proj = torch.zeros(batch_size, self._fused_in_proj[0].shape[0], device=device, dtype=self.dtype)
             self._gated = torch.zeros(batch_size, mixer.intermediate_size, device=device, dtype=torch.float32)
             self._bc_new = torch.zeros(
                 batch_size, 2 * mixer.n_groups * mixer.ssm_state_size, device=device, dtype=self.dtype
             )
-            self._split_k = SplitKWorkspace(device)  # scratch of the split-K tensor-core GEMVs (batch >= 4, bf16)
             parts = gated_sumsq_parts(mixer.num_heads, mixer.head_dim, LAUNCH["ssm_block_p"])
             self._gated_sumsq = torch.zeros(batch_size, parts, device=device, dtype=torch.float32)
+        if backend == "fused":  # the fused GEMVs' float32 residual stream and split-K scratch
+            self._residual = torch.zeros(batch_size, text.hidden_size, device=device, dtype=torch.float32)
+            self._split_k = SplitKWorkspace(device)  # scratch of the split-K tensor-core GEMVs (batch >= 4, bf16)
         # One layer is compiled once and reused by all layers (same shapes): a few seconds of compilation, not minutes.
         compiled = compile and backend == "inductor"
         self._layer = torch.compile(_layer_step, fullgraph=True, dynamic=False) if compiled else _layer_step
@@ -241,15 +241,15 @@ class OmniMambaGraphDecoder:
         head = self.model.lm_head if self.task == "mmu" else self.model.image_head
         self.logits.copy_(head(hidden))
 
-    def _conv_ssm(self, i, mixer, adapter_offset, block_p):
+    def _conv_ssm(self, i, mixer, adapter_offset):
         """This package's conv + SSM kernel on layer `i`: `self._proj` → `self._gated` (+ B/C inputs, sums of
-        squares)."""
+        squares; `_gated_sumsq` was sized for LAUNCH["ssm_block_p"])."""
         conv_ssm_step(
             self._proj, mixer.in_proj.task_adapters[self.task].up.weight, mixer.in_proj.scaling, adapter_offset,
             self.conv[i], mixer.conv1d.weight, mixer.conv1d.bias, mixer.dt_bias, self._A[i], mixer.D,
             self.ssm[i], self._gated, self._bc_new, self._gated_sumsq, d_inner=mixer.intermediate_size,
             heads=mixer.num_heads, groups=mixer.n_groups, head_dim=mixer.head_dim, d_state=mixer.ssm_state_size,
-            time_step_limit=tuple(mixer.time_step_limit), block_p=block_p,
+            time_step_limit=tuple(mixer.time_step_limit), block_p=LAUNCH["ssm_block_p"],
         )  # fmt: skip
 
     def _adapter_offset(self) -> int:
@@ -295,13 +295,12 @@ class OmniMambaGraphDecoder:
         k = self._kernels
         lm = self.model.model.language_model
         adapter_offset = self._adapter_offset()
-        block_p = launch_configs(self.batch_size, self.dtype, self._residual.device)["ssm_block_p"]
         hidden, residual = self._embed(), None
         for i, layer in enumerate(lm.layers):
             mixer = layer.mixer
             x, residual = self._add_norm(layer, hidden, residual)
             torch.matmul(x, self._fused_in_proj[i].t(), out=self._proj)  # [z ‖ xBC ‖ dt ‖ down_mmu ‖ down_t2i]
-            self._conv_ssm(i, mixer, adapter_offset, block_p)
+            self._conv_ssm(i, mixer, adapter_offset)
             # the B/C conv channels are shared by all heads: shifted after the kernel (which reads their old window)
             bc = self.conv[i][:, mixer.intermediate_size :]
             bc.copy_(torch.cat([bc[..., 1:], self._bc_new[..., None]], dim=-1))
@@ -324,7 +323,7 @@ class OmniMambaGraphDecoder:
                 self._residual, layer.norm.weight, self._fused_in_proj[i], self._proj, layer.norm.variance_epsilon,
                 workspace=self._split_k, **launch["in_proj"],
             )  # fmt: skip
-            self._conv_ssm(i, mixer, adapter_offset, launch["ssm_block_p"])
+            self._conv_ssm(i, mixer, adapter_offset)
             gated_norm_gemv(
                 self._gated, mixer.norm.weight, mixer.out_proj.weight, self._residual, self.conv[i], self._bc_new,
                 mixer.norm.variance_epsilon, d_inner=mixer.intermediate_size, out_dtype=self.dtype, workspace=self._split_k,
