@@ -193,6 +193,60 @@ def kernel_breakdown(model, batches):
     fused.use_pdl.cache_clear()
 
 
+def timeline(model, batch, replays=20):
+    """Where the graph replay's wall time goes, kernel by kernel (fused backend, PDL as configured): CUPTI start / end
+    of every kernel of `replays` replays, kernels assigned to roles by launch order as in `kernel_breakdown`. Per role:
+    the mean duration, the gap from the previous kernel's end to this one's start (negative: it started early, PDL),
+    and the increment of the step's end, end(k) - end(k-1): these sum to the step's time, so they say what each kernel
+    adds to the critical path."""
+    V = model.config.text_vocab_size
+    for task, code_table in (("t2i", True), ("t2i", False), ("mmu", None)):
+        model.reset_graph_decoders()
+        dec = OmniMambaGraphDecoder(model, task, batch, backend="fused", code_table=code_table)
+        tok = torch.full((batch,), V + 1 if task == "t2i" else 100, device="cuda")
+        step_ms = event_ms(lambda: dec.step(tok, 80))
+        with profile(activities=[ProfilerActivity.CUDA]) as prof:
+            for _ in range(replays):
+                dec.step(tok, 80)
+            torch.cuda.synchronize()
+        kernels = sorted((e for e in prof.events() if e.device_type.name == "CUDA"), key=lambda e: e.time_range.start)
+        kernels = [e for e in kernels if "Memcpy" not in e.name and "Memset" not in e.name]
+        per_step = len(kernels) // replays
+        stats = {}
+        for r in range(replays):
+            step = kernels[r * per_step : (r + 1) * per_step]
+            first = next(i for i, e in enumerate(step) if any(k in e.name for k in ("norm_gemv", "norm_gemm", "in_proj_ssm")))
+            role = None
+            for i, e in enumerate(step):
+                if i < first:
+                    role = "embedding"
+                elif i == len(step) - 1:
+                    role = "head"
+                elif "in_proj_ssm" in e.name:
+                    role = "in_proj + conv + SSM"
+                elif "conv_ssm" in e.name:
+                    role = "conv + SSM"
+                else:  # the GEMV kernels: out_proj follows the conv + SSM step
+                    role = "out_proj" if role in ("in_proj + conv + SSM", "conv + SSM") else "in_proj"
+                s = stats.setdefault(role, [0.0, 0.0, 0.0, 0])
+                s[0] += e.time_range.elapsed_us()
+                if i:
+                    prev = step[i - 1].time_range
+                    s[1] += e.time_range.start - prev.end
+                    s[2] += e.time_range.end - max(k.time_range.end for k in step[:i])
+                s[3] += 1
+            if r == 0:
+                span = step[-1].time_range.end - step[0].time_range.start
+        table = {True: ", image-code table", False: ", per-step image-embedding MLP", None: ""}[code_table]
+        print(f"timeline, {task}{table}, batch {batch}: replay {step_ms * 1e3:.0f} us/step (events), {per_step} kernels/step, "
+              f"first start to last end {span:.0f} us")  # fmt: skip
+        for role, (dur, gap, inc, count) in stats.items():
+            per = count / replays
+            print(f"  {role:10s} x{per:3.0f}/step: duration {dur / count:6.2f} us, gap {gap / count:+6.2f} us, "
+                  f"adds {inc / count:6.2f} us to the step ({inc / replays:7.1f} us/step)")  # fmt: skip
+        dec.release()
+
+
 def time_fused_vs_kernels(model, batches):
     V = model.config.text_vocab_size
     for batch in batches:
@@ -220,6 +274,7 @@ def main():
     parser.add_argument("--tensor-core-sweep", default="", help="e.g. 4,8,16,32,64: tune the batched GEMVs, time steps")
     parser.add_argument("--no-tune", action="store_true", help="with --tensor-core-sweep: time steps only")
     parser.add_argument("--kernel-breakdown", default="", help="e.g. 1,4,16: per-kernel time of one fused step")
+    parser.add_argument("--timeline", type=int, default=0, help="batch size: per-role critical-path times of the fused step")
     parser.add_argument("--profile-batch", type=int, default=1, help="batch size of the kernel-level profile")
     parser.add_argument("--ssm-state-dtype", default="float32", choices=["float32", "model"],
                         help="config.ssm_state_dtype: the recurrent state in float32 or in the model dtype (bf16)")
@@ -240,6 +295,9 @@ def main():
         model = OmniMambaForConditionalGeneration(OmniMambaConfig()).to(torch.bfloat16).eval()
     model.config.ssm_state_dtype = args.ssm_state_dtype
     print(f"SSM state dtype: {args.ssm_state_dtype}")
+    if args.timeline:
+        timeline(model, args.timeline)
+        return
     if args.kernel_breakdown:
         kernel_breakdown(model, [int(b) for b in args.kernel_breakdown.split(",")])
         return

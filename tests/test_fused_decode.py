@@ -59,7 +59,8 @@ def main():
         cache = DynamicCache(config=config.get_text_config(decoder=True))
         with torch.no_grad():
             model(input_ids=prompt, task=task, cache_params=cache, use_cache=True)
-        pair = [OmniMambaGraphDecoder(model, task, prompt.shape[0], compile=False, use_graph=False, backend=backend)
+        pair = [OmniMambaGraphDecoder(model, task, prompt.shape[0], compile=False, use_graph=False, backend=backend,
+                                      code_table=True)  # T2I embeds codes from the table, as on CUDA in bf16
                 for backend in ("inductor", "fused")]  # fmt: skip
         assert pair[1].backend == "fused"
         for decoder in pair:

@@ -325,6 +325,49 @@ def test_model_with_graph_caches_deep_copies(model, config):
                        model.generate(ids, generation_mode="image", decoder="static"))  # fmt: skip
 
 
+def test_image_code_table_decoder_equals_per_step_mlp(model, config):
+    """A T2I decoder can embed image codes from `image_code_table` (every code's lookup + MLP, computed once per call;
+    the default on CUDA in half precision) instead of running the MLP each step: the table equals the MLP on every
+    code, the decode equals the per-step MLP's, and `load_state` recomputes the table in place after a weight change
+    made through `.data` (which leaves no trace)."""
+    from omnimamba_hf.modeling.graph_decode_omnimamba import OmniMambaGraphDecoder
+
+    m = copy.deepcopy(model)
+    text = config.get_text_config(decoder=True)
+    prompt = torch.tensor([t2i_prompt(config, (8, 9, 10)), t2i_prompt(config, (11, 12))])
+    V, start = config.text_vocab_size, prompt.shape[1]
+    tokens = [torch.tensor([V + 3 + k, V + 40 - k]) for k in range(5)]
+    every_code = torch.arange(config.image_vocab_size)
+
+    def decode(code_table):
+        cache = DynamicCache(config=text)
+        with torch.no_grad():
+            m(input_ids=prompt, task="t2i", cache_params=cache, use_cache=True)
+        d = OmniMambaGraphDecoder(m, "t2i", 2, compile=False, use_graph=False, code_table=code_table)
+        d.load_state(cache)
+        return torch.stack([d.step(ids, start + k).clone() for k, ids in enumerate(tokens)]), d
+
+    plain, d_plain = decode(False)
+    tabled, d = decode(True)
+    assert d_plain._code_table is None and d._code_table is not None
+    with torch.no_grad():
+        torch.testing.assert_close(d._code_table, m.model.image_embeddings(every_code), rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(tabled, plain, rtol=1e-5, atol=1e-5)
+
+    with torch.no_grad():
+        m.model.image_embeddings.mlp.linear_3.bias.data += 0.5
+    changed, d2 = decode(True)
+    assert d2._code_table is d._code_table  # the same buffer (a captured graph reads it), refreshed in place
+    with torch.no_grad():
+        torch.testing.assert_close(d._code_table, m.model.image_embeddings(every_code), rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(changed, decode(False)[0], rtol=1e-5, atol=1e-5)
+    assert not torch.allclose(changed, tabled, atol=1e-3)
+    # the default: off on the CPU and for MMU decoders; the table is not model state
+    assert OmniMambaGraphDecoder(m, "t2i", 1, compile=False, use_graph=False)._code_table is None
+    assert OmniMambaGraphDecoder(m, "mmu", 1, compile=False, use_graph=False, code_table=True)._code_table is None
+    assert "_omnimamba_image_code_table" not in copy.deepcopy(m).__dict__
+
+
 # ---- the recurrent state in the model's dtype (config.ssm_state_dtype="model", as the original keeps it) ------------
 
 

@@ -43,7 +43,8 @@ from .mixer_omnimamba import ssm_state_dtype
 # model.__dict__ entries that hold captured graphs and static buffers: dropped by reset_graph_decoders() and never
 # pickled / deep-copied with the model.
 _GRAPH_CACHES = (
-    "_omnimamba_graph_decoders", "_omnimamba_graph_prefill", "_omnimamba_fused_in_proj", "_omnimamba_ssm_decay_rates"
+    "_omnimamba_graph_decoders", "_omnimamba_graph_prefill", "_omnimamba_fused_in_proj", "_omnimamba_ssm_decay_rates",
+    "_omnimamba_image_code_table",
 )  # fmt: skip
 
 logger = logging.get_logger(__name__)

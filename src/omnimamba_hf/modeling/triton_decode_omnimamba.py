@@ -187,6 +187,24 @@ if triton is not None:
                 _shift_bc_into_conv_state(conv_ptr, bc_new_ptr, stride_conv, stride_bc, ROWS, BC, D_INNER, KW)
 
     @triton.jit
+    def _embed_kernel(ids_ptr, positions_ptr, table_ptr, pos_table_ptr, out_ptr, id_offset, stride_table, stride_pos,
+                      stride_out, H: tl.constexpr, BLOCK: tl.constexpr, PDL: tl.constexpr):  # fmt: skip
+        """out[b] = float(table[ids[b] - id_offset] + pos_table[positions[b]]), the sum rounded to the tables' dtype
+        as the PyTorch step's add rounds it: a step's input in one launch (the lookups, add and cast of
+        `OmniMambaGraphDecoder._embed` took ~6 kernels and 30 µs per step on an H100)."""
+        b = tl.program_id(0)
+        cols = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
+        ok = cols < H
+        if PDL:
+            gdc_launch_dependents()
+            gdc_wait()  # the previous step's head kernel still reads `out`
+        row = tl.load(ids_ptr + b) - id_offset
+        position = tl.load(positions_ptr + b)
+        e = tl.load(table_ptr + row * stride_table + cols, mask=ok).to(tl.float32)
+        e += tl.load(pos_table_ptr + position * stride_pos + cols, mask=ok).to(tl.float32)
+        tl.store(out_ptr + b * stride_out + cols, e.to(table_ptr.dtype.element_ty).to(tl.float32), mask=ok)
+
+    @triton.jit
     def _store_rows(y, out_ptr, rows, row_ok, bb, b_ok, stride_out, ACCUMULATE: tl.constexpr, OUT_DTYPE: tl.constexpr):
         """out[b, rows] = y — or, with ACCUMULATE (out_proj), y rounded to the model dtype and added to the float32
         residual in `out`."""
@@ -435,6 +453,17 @@ class SplitKWorkspace:
         return self.parts, self.counts
 
 
+def embed_rows(ids, positions, table, pos_table, out, id_offset=0, block=1024):
+    """out[b] = float(table[ids[b] - id_offset] + pos_table[positions[b]]) (the sum rounded to the tables' dtype)."""
+    assert table.dtype == pos_table.dtype and out.dtype == torch.float32, (table.dtype, pos_table.dtype, out.dtype)
+    hidden = table.shape[1]
+    _embed_kernel[(ids.shape[0], triton.cdiv(hidden, block))](
+        ids, positions, table, pos_table, out, int(id_offset), table.stride(0), pos_table.stride(0), out.stride(0),
+        H=hidden, BLOCK=block, **_pdl(out.device), num_warps=4,
+    )  # fmt: skip
+    return out
+
+
 def gated_sumsq_parts(heads: int, head_dim: int, block_p: int) -> int:
     """How many partial sums of squares of each gated row `conv_ssm_step` writes (one per program of a row)."""
     return heads * triton.cdiv(head_dim, min(block_p, head_dim))
@@ -481,7 +510,7 @@ def _pdl(device) -> dict:
 
 
 __all__ = [
-    "LAUNCH", "LAUNCH_TENSOR_CORES", "SplitKWorkspace", "TENSOR_CORE_MIN_BATCH", "conv_ssm_step",
+    "LAUNCH", "LAUNCH_TENSOR_CORES", "SplitKWorkspace", "TENSOR_CORE_MIN_BATCH", "conv_ssm_step", "embed_rows",
     "fused_decode_available", "gated_norm_gemv", "gated_sumsq_parts", "launch_configs", "rmsnorm_gemv",
     "tensor_cores_available", "use_pdl",
 ]
