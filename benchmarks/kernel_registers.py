@@ -96,7 +96,7 @@ def main() -> None:
     }  # fmt: skip
     consts = dict(D_INNER=d_inner, HEADS=heads, GROUPS=1, P=p, BLOCK_P=fused.LAUNCH["ssm_block_p"], N=n, R=r, KW=4,
                   HAS_BIAS=True, HAS_LIMIT=False, PDL=True)  # fmt: skip
-    regs, spill = ptxas_report(fused._conv_ssm_step_kernel, ssm_types, consts, 4, args.arch)
+    regs, spill = ptxas_report(fused._conv_ssm_step_kernel, ssm_types, consts, fused.LAUNCH["ssm_num_warps"], args.arch)
     print(f"_conv_ssm_step_kernel block_p {consts['BLOCK_P']}: {regs} registers, {spill} B spilled")
 
 

@@ -247,6 +247,57 @@ def timeline(model, batch, replays=20):
         dec.release()
 
 
+def step_sweep(model, batch=1):
+    """Launch configurations tuned inside the whole step rather than per GEMV: each kernel's weight prefetch before
+    its PDL wait overlaps the previous kernel, which a standalone sweep (--sweep) does not see. Varies one kernel's
+    configuration at a time from the current LAUNCH, times the T2I step (graph replay), keeps the fastest."""
+    V = model.config.text_vocab_size
+    tok = torch.full((batch,), V + 1, device="cuda")
+
+    def step_ms():
+        model.reset_graph_decoders()
+        dec = model.graph_decoder("t2i", batch, backend="fused")
+        return min(event_ms(lambda: dec.step(tok, 80)) for _ in range(3))
+
+    candidates = {
+        "out_proj": [(8, 1024, 8), (4, 1024, 4), (4, 2048, 8), (2, 4096, 8), (2, 2048, 4), (1, 4096, 4), (16, 512, 8),
+                     (8, 512, 4), (4, 4096, 8)],
+        "in_proj": [(4, 2048, 8), (2, 2048, 4), (8, 1024, 8), (8, 2048, 8), (4, 1024, 4), (2, 2048, 8)],
+        "head": [(2, 2048, 4), (4, 2048, 8), (4, 1024, 4), (1, 2048, 4)],
+    }
+    for name, configs in candidates.items():
+        timed = []
+        for bn, bk, w in configs:
+            fused.LAUNCH[name] = dict(block_n=bn, block_k=bk, num_warps=w)
+            try:
+                timed.append((step_ms(), bn, bk, w))
+            except Exception as exc:  # noqa: BLE001 (e.g. out of resources)
+                print(f"step sweep {name} {(bn, bk, w)}: {type(exc).__name__}: {str(exc)[:200]}")
+                continue
+            print(f"step sweep, batch {batch}, {name} block_n {bn} block_k {bk} warps {w}: {timed[-1][0]:.4f} ms/step")
+        best = min(timed)
+        fused.LAUNCH[name] = dict(block_n=best[1], block_k=best[2], num_warps=best[3])
+        print(f"step sweep: best {name} {fused.LAUNCH[name]} at {best[0]:.4f} ms/step")
+    block_p_sweep(model, [batch], values=((16, 4), (32, 4), (64, 4)))
+
+
+def block_p_sweep(model, batches, values=((16, 4), (32, 4), (64, 4), (64, 8))):
+    """T2I step time (graph replay, the backend "auto" picks) for each (head-dim rows, warps) per program of the
+    conv + SSM kernel (LAUNCH["ssm_block_p"], LAUNCH["ssm_num_warps"]); restores LAUNCH afterwards."""
+    V = model.config.text_vocab_size
+    saved = fused.LAUNCH["ssm_block_p"], fused.LAUNCH["ssm_num_warps"]
+    for batch in batches:
+        tok = torch.full((batch,), V + 1, device="cuda")
+        for bp, warps in values:
+            fused.LAUNCH["ssm_block_p"], fused.LAUNCH["ssm_num_warps"] = bp, warps
+            model.reset_graph_decoders()
+            dec = model.graph_decoder("t2i", batch)
+            ms = min(event_ms(lambda: dec.step(tok, 80)) for _ in range(3))
+            print(f"batch {batch} T2I {dec.backend} step, ssm_block_p {bp}, {warps} warps: {ms:.4f} ms/step")
+    fused.LAUNCH["ssm_block_p"], fused.LAUNCH["ssm_num_warps"] = saved
+    model.reset_graph_decoders()
+
+
 def time_fused_vs_kernels(model, batches):
     V = model.config.text_vocab_size
     for batch in batches:
@@ -274,6 +325,8 @@ def main():
     parser.add_argument("--tensor-core-sweep", default="", help="e.g. 4,8,16,32,64: tune the batched GEMVs, time steps")
     parser.add_argument("--no-tune", action="store_true", help="with --tensor-core-sweep: time steps only")
     parser.add_argument("--kernel-breakdown", default="", help="e.g. 1,4,16: per-kernel time of one fused step")
+    parser.add_argument("--block-p-sweep", default="", help="e.g. 16,64: conv + SSM rows per program, per batch")
+    parser.add_argument("--step-sweep", action="store_true", help="tune launch configurations inside the whole step")
     parser.add_argument("--timeline", type=int, default=0, help="batch size: per-role critical-path times of the fused step")
     parser.add_argument("--profile-batch", type=int, default=1, help="batch size of the kernel-level profile")
     parser.add_argument("--ssm-state-dtype", default="float32", choices=["float32", "model"],
@@ -295,6 +348,11 @@ def main():
         model = OmniMambaForConditionalGeneration(OmniMambaConfig()).to(torch.bfloat16).eval()
     model.config.ssm_state_dtype = args.ssm_state_dtype
     print(f"SSM state dtype: {args.ssm_state_dtype}")
+    if args.block_p_sweep:
+        block_p_sweep(model, [int(b) for b in args.block_p_sweep.split(",")])
+        return
+    if args.step_sweep:
+        step_sweep(model)
     if args.timeline:
         timeline(model, args.timeline)
         return

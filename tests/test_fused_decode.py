@@ -23,7 +23,8 @@ def test_fused_step_equals_torch_step_in_triton_interpreter():
     run = subprocess.run([sys.executable, __file__], env=env, capture_output=True, text=True, timeout=900)
     assert run.returncode == 0, run.stderr[-4000:]
     results = json.loads(run.stdout.strip().splitlines()[-1])
-    assert len(results) == 2 * 3 * 4 + 4 + 1  # tasks x batch sizes x steps, + bf16 state, + after retraining an adapter
+    # tasks x batch sizes x steps, + bf16 state, + heads split over programs, + after retraining an adapter
+    assert len(results) == 2 * 3 * 4 + 4 + 2 * 2 + 1
     for r in results:
         tolerance = 2e-2 if r["task"] == "t2i-bf16-state" else 1e-5  # bf16 rounding, truncated in the interpreter
         assert r["logits"] < tolerance and r["conv"] < tolerance and r["ssm"] < tolerance, r
@@ -93,6 +94,22 @@ def main():
         assert fused.ssm.dtype == torch.bfloat16
         results.append(dict(task="t2i-bf16-state", batch=3, step=step, logits=rel(b, a), conv=rel(fused.conv, ref.conv),
                             ssm=rel(fused.ssm, ref.ssm), moved=rel(ref.ssm, start) if step else 1.0))  # fmt: skip
+
+    # head-dim rows split over several conv + SSM programs (the default block is a whole head; LAUNCH may set fewer):
+    # each program's slice of the state, gate and partial sums of squares (read by the batch-5 tensor-core out_proj)
+    whole_head = triton_decode_omnimamba.LAUNCH["ssm_block_p"]
+    for batch in (1, 5):
+        triton_decode_omnimamba.LAUNCH["ssm_block_p"] = config.text_config.head_dim // 4
+        ref, fused = prefilled_decoders("t2i", torch.randint(0, 200, (batch, 6), generator=torch.Generator().manual_seed(9)))
+        assert fused._gated_sumsq.shape[1] == 4 * config.text_config.num_heads
+        start = ref.ssm.clone()
+        for step in range(2):
+            ids = torch.arange(batch) + V + 2 * step
+            a, b = ref.step(ids, 6 + step).clone(), fused.step(ids, 6 + step).clone()
+            results.append(dict(task="t2i-split-heads", batch=batch, step=step, logits=rel(b, a),
+                                conv=rel(fused.conv, ref.conv), ssm=rel(fused.ssm, ref.ssm),
+                                moved=rel(ref.ssm, start) if step else 1.0))  # fmt: skip
+    triton_decode_omnimamba.LAUNCH["ssm_block_p"] = whole_head
 
     # weights changed after the fused buffers were built, through `.data` (no `_version` bump): the fused step follows
     for layer in model.model.language_model.layers:

@@ -343,7 +343,11 @@ LAUNCH = {
     "in_proj": dict(block_n=4, block_k=2048, num_warps=8),  # 12.8 µs, 2.72 TB/s (90% of copy)
     "head": dict(block_n=2, block_k=2048, num_warps=4),  # 16384 (or 50288) x 2048: 23.1 µs, 2.90 TB/s (96%)
     "out_proj": dict(block_n=8, block_k=1024, num_warps=8),  # 2048 x 4096: 7.0 µs, 2.41 TB/s (80%)
-    "ssm_block_p": 16,  # head_dim rows per program of the conv + SSM kernel
+    # head_dim rows per program of the conv + SSM kernel: a whole head (the 1.3B's 64). Each program also recomputes
+    # its group's B / C inputs, so smaller blocks repeat that work: T2I ms/step with 16 vs 64, bf16 state, b1 1.195
+    # vs 1.187, b16 2.52 vs 2.36, b64 (hybrid) 5.62 vs 4.92 (docs/benchmarks/2026-11-24-h100-session7/block_p_sweep_*)
+    "ssm_block_p": 64,
+    "ssm_num_warps": 4,
 }
 
 
@@ -486,7 +490,7 @@ def conv_ssm_step(proj, up_weight, scaling, adapter_offset, conv_state, conv_wei
         gated_sumsq.stride(0),
         D_INNER=d_inner, HEADS=heads, GROUPS=groups, P=head_dim, BLOCK_P=block_p, N=d_state,
         R=up_weight.shape[1], KW=conv_state.shape[-1], HAS_BIAS=conv_bias is not None,
-        HAS_LIMIT=(lo, hi) != (0.0, float("inf")), **_pdl(proj.device), num_warps=4,
+        HAS_LIMIT=(lo, hi) != (0.0, float("inf")), **_pdl(proj.device), num_warps=LAUNCH["ssm_num_warps"],
     )  # fmt: skip
 
 
