@@ -281,6 +281,34 @@ def step_sweep(model, batch=1):
     block_p_sweep(model, [batch], values=((16, 4), (32, 4), (64, 4)))
 
 
+def tensor_core_step_sweep(model, batches=(4, 16)):
+    """The tensor-core GEMM configurations (LAUNCH_TENSOR_CORES, tuned standalone at 16 rows) varied one at a time
+    inside whole fused steps at each batch size; prints T2I ms per step, restores LAUNCH_TENSOR_CORES."""
+    V = model.config.text_vocab_size
+    saved = {k: dict(v) for k, v in fused.LAUNCH_TENSOR_CORES.items()}
+    candidates = {
+        "in_proj": [(128, 128, 8, 4, 1), (64, 128, 4, 4, 1), (128, 64, 8, 4, 1), (64, 256, 4, 3, 1), (128, 128, 8, 3, 2)],
+        "out_proj": [(128, 128, 8, 3, 8), (128, 128, 8, 3, 4), (64, 128, 4, 3, 4), (64, 128, 4, 4, 8), (128, 64, 8, 4, 8)],
+        "head": [(128, 128, 8, 3, 1), (64, 128, 4, 4, 1), (128, 128, 8, 3, 2)],
+    }
+    for batch in batches:
+        tok = torch.full((batch,), V + 1, device="cuda")
+        for name, configs in candidates.items():
+            for bn, bk, w, st, sk in configs:
+                fused.LAUNCH_TENSOR_CORES[name] = dict(block_n=bn, block_k=bk, num_warps=w, num_stages=st, split_k=sk)
+                model.reset_graph_decoders()
+                try:
+                    dec = model.graph_decoder("t2i", batch, backend="fused")
+                    ms = min(event_ms(lambda: dec.step(tok, 80)) for _ in range(3))
+                except Exception as exc:  # noqa: BLE001 (e.g. out of shared memory)
+                    print(f"batch {batch} {name} {(bn, bk, w, st, sk)}: {type(exc).__name__}: {str(exc)[:160]}")
+                    continue
+                print(f"batch {batch} T2I fused step, tensor-core {name} block_n {bn} block_k {bk} warps {w} "
+                      f"stages {st} split_k {sk}: {ms:.4f} ms/step")  # fmt: skip
+            fused.LAUNCH_TENSOR_CORES[name] = dict(saved[name])
+    model.reset_graph_decoders()
+
+
 def block_p_sweep(model, batches, values=((16, 4), (32, 4), (64, 4), (64, 8))):
     """T2I step time (graph replay, the backend "auto" picks) for each (head-dim rows, warps) per program of the
     conv + SSM kernel (LAUNCH["ssm_block_p"], LAUNCH["ssm_num_warps"]); restores LAUNCH afterwards."""
@@ -325,6 +353,7 @@ def main():
     parser.add_argument("--tensor-core-sweep", default="", help="e.g. 4,8,16,32,64: tune the batched GEMVs, time steps")
     parser.add_argument("--no-tune", action="store_true", help="with --tensor-core-sweep: time steps only")
     parser.add_argument("--kernel-breakdown", default="", help="e.g. 1,4,16: per-kernel time of one fused step")
+    parser.add_argument("--tensor-core-step-sweep", default="", help="e.g. 4,16: tensor-core configs inside steps")
     parser.add_argument("--block-p-sweep", default="", help="e.g. 16,64: conv + SSM rows per program, per batch")
     parser.add_argument("--step-sweep", action="store_true", help="tune launch configurations inside the whole step")
     parser.add_argument("--timeline", type=int, default=0, help="batch size: per-role critical-path times of the fused step")
@@ -348,6 +377,9 @@ def main():
         model = OmniMambaForConditionalGeneration(OmniMambaConfig()).to(torch.bfloat16).eval()
     model.config.ssm_state_dtype = args.ssm_state_dtype
     print(f"SSM state dtype: {args.ssm_state_dtype}")
+    if args.tensor_core_step_sweep:
+        tensor_core_step_sweep(model, [int(b) for b in args.tensor_core_step_sweep.split(",")])
+        return
     if args.block_p_sweep:
         block_p_sweep(model, [int(b) for b in args.block_p_sweep.split(",")])
         return
