@@ -247,18 +247,19 @@ def timeline(model, batch, replays=20):
         dec.release()
 
 
+def fresh_t2i_step_ms(model, batch, backend="auto") -> tuple[float, str]:
+    """(best of three timings of a T2I graph step in ms, the backend) for a decoder built now, so that changes to
+    LAUNCH / LAUNCH_TENSOR_CORES take effect."""
+    model.reset_graph_decoders()
+    dec = model.graph_decoder("t2i", batch, backend=backend)
+    tok = torch.full((batch,), model.config.text_vocab_size + 1, device="cuda")
+    return min(event_ms(lambda: dec.step(tok, 80)) for _ in range(3)), dec.backend
+
+
 def step_sweep(model, batch=1):
     """Launch configurations tuned inside the whole step rather than per GEMV: each kernel's weight prefetch before
     its PDL wait overlaps the previous kernel, which a standalone sweep (--sweep) does not see. Varies one kernel's
     configuration at a time from the current LAUNCH, times the T2I step (graph replay), keeps the fastest."""
-    V = model.config.text_vocab_size
-    tok = torch.full((batch,), V + 1, device="cuda")
-
-    def step_ms():
-        model.reset_graph_decoders()
-        dec = model.graph_decoder("t2i", batch, backend="fused")
-        return min(event_ms(lambda: dec.step(tok, 80)) for _ in range(3))
-
     candidates = {
         "out_proj": [(8, 1024, 8), (4, 1024, 4), (4, 2048, 8), (2, 4096, 8), (2, 2048, 4), (1, 4096, 4), (16, 512, 8),
                      (8, 512, 4), (4, 4096, 8)],
@@ -270,7 +271,7 @@ def step_sweep(model, batch=1):
         for bn, bk, w in configs:
             fused.LAUNCH[name] = dict(block_n=bn, block_k=bk, num_warps=w)
             try:
-                timed.append((step_ms(), bn, bk, w))
+                timed.append((fresh_t2i_step_ms(model, batch, "fused")[0], bn, bk, w))
             except Exception as exc:  # noqa: BLE001 (e.g. out of resources)
                 print(f"step sweep {name} {(bn, bk, w)}: {type(exc).__name__}: {str(exc)[:200]}")
                 continue
@@ -284,7 +285,6 @@ def step_sweep(model, batch=1):
 def tensor_core_step_sweep(model, batches=(4, 16)):
     """The tensor-core GEMM configurations (LAUNCH_TENSOR_CORES, tuned standalone at 16 rows) varied one at a time
     inside whole fused steps at each batch size; prints T2I ms per step, restores LAUNCH_TENSOR_CORES."""
-    V = model.config.text_vocab_size
     saved = {k: dict(v) for k, v in fused.LAUNCH_TENSOR_CORES.items()}
     candidates = {
         "in_proj": [(128, 128, 8, 4, 1), (64, 128, 4, 4, 1), (128, 64, 8, 4, 1), (64, 256, 4, 3, 1), (128, 128, 8, 3, 2)],
@@ -292,14 +292,11 @@ def tensor_core_step_sweep(model, batches=(4, 16)):
         "head": [(128, 128, 8, 3, 1), (64, 128, 4, 4, 1), (128, 128, 8, 3, 2)],
     }
     for batch in batches:
-        tok = torch.full((batch,), V + 1, device="cuda")
         for name, configs in candidates.items():
             for bn, bk, w, st, sk in configs:
                 fused.LAUNCH_TENSOR_CORES[name] = dict(block_n=bn, block_k=bk, num_warps=w, num_stages=st, split_k=sk)
-                model.reset_graph_decoders()
                 try:
-                    dec = model.graph_decoder("t2i", batch, backend="fused")
-                    ms = min(event_ms(lambda: dec.step(tok, 80)) for _ in range(3))
+                    ms = fresh_t2i_step_ms(model, batch, "fused")[0]
                 except Exception as exc:  # noqa: BLE001 (e.g. out of shared memory)
                     print(f"batch {batch} {name} {(bn, bk, w, st, sk)}: {type(exc).__name__}: {str(exc)[:160]}")
                     continue
@@ -312,16 +309,12 @@ def tensor_core_step_sweep(model, batches=(4, 16)):
 def block_p_sweep(model, batches, values=((16, 4), (32, 4), (64, 4), (64, 8))):
     """T2I step time (graph replay, the backend "auto" picks) for each (head-dim rows, warps) per program of the
     conv + SSM kernel (LAUNCH["ssm_block_p"], LAUNCH["ssm_num_warps"]); restores LAUNCH afterwards."""
-    V = model.config.text_vocab_size
     saved = fused.LAUNCH["ssm_block_p"], fused.LAUNCH["ssm_num_warps"]
     for batch in batches:
-        tok = torch.full((batch,), V + 1, device="cuda")
         for bp, warps in values:
             fused.LAUNCH["ssm_block_p"], fused.LAUNCH["ssm_num_warps"] = bp, warps
-            model.reset_graph_decoders()
-            dec = model.graph_decoder("t2i", batch)
-            ms = min(event_ms(lambda: dec.step(tok, 80)) for _ in range(3))
-            print(f"batch {batch} T2I {dec.backend} step, ssm_block_p {bp}, {warps} warps: {ms:.4f} ms/step")
+            ms, backend = fresh_t2i_step_ms(model, batch)
+            print(f"batch {batch} T2I {backend} step, ssm_block_p {bp}, {warps} warps: {ms:.4f} ms/step")
     fused.LAUNCH["ssm_block_p"], fused.LAUNCH["ssm_num_warps"] = saved
     model.reset_graph_decoders()
 
