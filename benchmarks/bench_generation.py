@@ -29,6 +29,7 @@ import torch
 
 import omnimamba_hf
 from omnimamba_hf import OmniMambaConfig, OmniMambaForConditionalGeneration
+from omnimamba_hf.modeling.graph_decode_omnimamba import uses_image_code_table
 from omnimamba_hf.modeling.mixer_omnimamba import ssm_state_dtype
 
 
@@ -77,8 +78,9 @@ def copy_bandwidth_gbs() -> float:
 
 def step_weight_bytes(model, task: str, batch: int = 1) -> int:
     """Bytes one decode step must move at least: the weights it reads (every block, the final norm, the task's adapter,
-    one embedding row + position row per row of the batch, the image-embedding MLP for T2I, the task's head) plus the
-    recurrent state, read and written once (conv state in the model dtype, SSM state in float32 or, with
+    one embedding row + position row per row of the batch, the task's head, and for T2I the image-embedding MLP —
+    unless the decoder reads the per-call image-code table instead, as on CUDA in half precision) plus the recurrent
+    state, read and written once (conv state in the model dtype, SSM state in float32 or, with
     `config.ssm_state_dtype="model"`, in the model dtype)."""
     lm = model.model.language_model
     total = 0
@@ -89,10 +91,10 @@ def step_weight_bytes(model, task: str, batch: int = 1) -> int:
     total += lm.norm_f.weight.numel() * lm.norm_f.weight.element_size()
     hidden = model.config.text_config.hidden_size
     elt = lm.embeddings.weight.element_size()
-    total += 2 * hidden * elt  # one embedding row + one position row
+    total += 2 * batch * hidden * elt  # per row: one embedding (or code-table) row + one position row
     head = model.lm_head if task == "mmu" else model.image_head
     total += head.weight.numel() * head.weight.element_size()
-    if task == "t2i":
+    if task == "t2i" and not uses_image_code_table(lm.embeddings.weight.device, lm.embeddings.weight.dtype):
         total += sum(p.numel() * p.element_size() for p in model.model.image_embeddings.mlp.parameters())
     mixer = lm.layers[0].mixer
     conv = mixer.conv_dim * mixer.conv_kernel_size * elt

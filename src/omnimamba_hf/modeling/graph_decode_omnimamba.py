@@ -97,6 +97,11 @@ def ssm_decay_rates(model) -> list[torch.Tensor]:
 IMAGE_CODE_TABLE_DTYPES = (torch.bfloat16, torch.float16)
 
 
+def uses_image_code_table(device: torch.device, dtype: torch.dtype) -> bool:
+    """Whether a T2I decoder on `device` in `dtype` embeds codes from `image_code_table` by default."""
+    return device.type == "cuda" and dtype in IMAGE_CODE_TABLE_DTYPES
+
+
 @torch.no_grad()
 def image_code_table(model, chunk: int = 1024) -> torch.Tensor:
     """`image_embeddings(k)` (VQ-code lookup + 3-layer MLP, spec §3.5) for every code k, so that a T2I decode step
@@ -158,7 +163,7 @@ class OmniMambaGraphDecoder:
         # T2I: embed image codes from `image_code_table` (refreshed by `load_state`) instead of the per-step MLP;
         # by default on CUDA in half precision (IMAGE_CODE_TABLE_DTYPES)
         if code_table is None:
-            code_table = device.type == "cuda" and self.dtype in IMAGE_CODE_TABLE_DTYPES
+            code_table = uses_image_code_table(device, self.dtype)
         self._code_table = image_code_table(model) if task == "t2i" and code_table else None
         self._constants = (
             text.layer_norm_epsilon, mixer.in_proj.scaling, mixer.intermediate_size, mixer.conv_dim, mixer.num_heads,
@@ -485,4 +490,7 @@ def _rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor
     return x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + eps) * weight.float()
 
 
-__all__ = ["OmniMambaGraphDecoder", "capture_graph", "fused_in_proj", "image_code_table", "ssm_decay_rates"]
+__all__ = [
+    "OmniMambaGraphDecoder", "capture_graph", "fused_in_proj", "image_code_table", "ssm_decay_rates",
+    "uses_image_code_table",
+]
