@@ -1,9 +1,13 @@
 """Where does the MMU prefill (one 384-px image + 64 prompt tokens = 797 positions, OmniMamba-1.3B, bf16, batch 1) spend
 its time? Eager embedding, graph-replayed vision towers, each graph-replayed chunk of the Mamba stack, and a
-kernel-level profile of the whole prefill.
+kernel-level profile of the whole prefill. With --t2i: where a T2I `generate()` spends its time before the first
+decode step (embeddings, the graph prefill of the 72-position prompt, loading the decoder's state, the image-code
+table).
 
-    python benchmarks/profile_prefill.py
+    python benchmarks/profile_prefill.py [--t2i]
 """
+
+import sys
 
 import time
 
@@ -27,10 +31,30 @@ def wall_ms(fn, repeat=10):
 
 
 @torch.no_grad()
+def t2i_first_token(model):
+    from omnimamba_hf.modeling.graph_decode_omnimamba import image_code_table
+
+    c = model.config
+    prompt = torch.randint(0, 50000, (1, c.t2i_prompt_length), device="cuda")
+    model.generate(prompt, generation_mode="image")  # captures
+    step = lambda: model._t2i_stepper(prompt, "cuda_graph")(None, None).argmax(-1)  # noqa: E731
+    embeds, _ = model.model.build_inputs_embeds(prompt, None, None, None, "t2i")
+    prefill = model.graph_prefill("t2i", 1)
+    decoder = model.graph_decoder("t2i", 1)
+    print(f"T2I before the first decode step: {wall_ms(step):.2f} ms = embeddings "
+          f"{wall_ms(lambda: model.model.build_inputs_embeds(prompt, None, None, None, 't2i')):.2f} + graph prefill "
+          f"of {prompt.shape[1]} positions (chunks {prefill.chunk_lengths(prompt.shape[1])}) {wall_ms(lambda: prefill(embeds)):.2f}"
+          f" + the decoder's load_state {wall_ms(lambda: decoder.load_state(prefill.cache)):.2f} (of which the "
+          f"image-code table {wall_ms(lambda: image_code_table(model)):.2f})")  # fmt: skip
+
+
+@torch.no_grad()
 def main():
     torch.manual_seed(0)
     with torch.device("cuda"):
         model = OmniMambaForConditionalGeneration(OmniMambaConfig()).to(torch.bfloat16).eval()
+    if "--t2i" in sys.argv:
+        return t2i_first_token(model)
     c = model.config
     ids = [c.mmu_token_id, c.soi_token_id] + [c.image_token_id] * c.num_image_tokens + [c.eoi_token_id, c.sot_token_id]
     ids = torch.tensor([ids + list(range(100, 164))], device="cuda")

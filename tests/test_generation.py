@@ -280,8 +280,9 @@ def test_cuda_graph_decoder_needs_cuda(model, config):
 
 @pytest.mark.parametrize("task", ["t2i", "mmu"])
 def test_chunked_prefill_equals_one_shot_prefill(model, config, task):
-    """The graph prefill runs the prompt in chunks (powers of two down to `min_chunk`, then the remainder), each
-    continuing the recurrent state: logits and final states equal the one-shot prefill, with left padding too (MMU)."""
+    """The graph prefill runs an MMU prompt in chunks (powers of two down to `min_chunk`, then the remainder), each
+    continuing the recurrent state, and a T2I prompt (all of one length) as one chunk: logits and final states equal
+    the one-shot prefill, with left padding too (MMU)."""
     from omnimamba_hf.modeling.graph_prefill_omnimamba import OmniMambaGraphPrefill, chunk_lengths
 
     assert chunk_lengths(797) == [512, 256, 29] and chunk_lengths(72) == [64, 8] and chunk_lengths(2100) == [1024] * 2 + [52]
@@ -296,7 +297,6 @@ def test_chunked_prefill_equals_one_shot_prefill(model, config, task):
         mask = torch.tensor([[0] * pad + [1] * len(a), [1] * len(b)])
         px = torch.cat([pixels(1), pixels(2)])
         positions = (mask.cumsum(-1) - 1).clamp(min=0)
-    assert len(chunk_lengths(ids.shape[1], min_chunk=2)) >= 2  # really chunked (tiny prompts: tiny chunks)
     model = copy.deepcopy(model).double()  # float64: only a logic error can differ, not reassociation
     px = px.double() if px is not None else None
     with torch.no_grad():
@@ -306,6 +306,8 @@ def test_chunked_prefill_equals_one_shot_prefill(model, config, task):
         embeds, _ = model.model.build_inputs_embeds(ids, px, None, positions, task)
         prefill = OmniMambaGraphPrefill(model, task, 2, use_graph=False)
         prefill.min_chunk = 2
+        chunks = prefill.chunk_lengths(ids.shape[1])
+        assert chunks == [ids.shape[1]] if task == "t2i" else len(chunks) >= 2  # MMU really chunked (tiny chunks)
         logits = prefill(embeds, mask)
         again = prefill(embeds, mask)  # states are reset between prompts
     torch.testing.assert_close(logits, out.logits[:, -1], rtol=1e-10, atol=1e-10)
@@ -455,3 +457,63 @@ def test_state_in_model_dtype_is_the_float32_update_rounded_once(model, config):
     m16.generate(prompt, decoder="static", **kw)
     states = {key[3]: d.ssm.dtype for key, d in m16.__dict__["_omnimamba_graph_decoders"].items()}
     assert states == {torch.bfloat16: torch.bfloat16, torch.float32: torch.float32}
+
+
+def test_choices_inside_the_graph_equal_the_step_by_step_loop(model, config, monkeypatch):
+    """Greedy and plain sampled decoding make every choice after the first inside the decoder (`decode()`: the
+    choice, eos and padding, the fed-back id and position; one graph replay per 8 steps on CUDA). Same tokens as the
+    eager loop (GenerationMixin for MMU), for both tasks, with rows that finish at different steps, lengths that are
+    not a multiple of the chunk, a stop once every row has finished, guidance, and seeded sampling."""
+    from omnimamba_hf.modeling import graph_decode_omnimamba as gd
+
+    calls = []
+    decode = gd.OmniMambaGraphDecoder.decode
+    monkeypatch.setattr(gd.OmniMambaGraphDecoder, "decode", lambda self, *a, **k: calls.append(a[2]) or decode(self, *a, **k))
+    model.reset_graph_decoders()
+    t2i = torch.tensor([t2i_prompt(config, (8, 9, 10)), t2i_prompt(config, (11, 12))])
+    sampled = dict(do_sample=True, top_k=50, top_p=0.9, temperature=0.8)
+    for kw in (dict(), dict(guidance_scale=3.0), sampled, dict(sampled, guidance_scale=2.0)):
+        torch.manual_seed(7)
+        static = model.generate(t2i, generation_mode="image", decoder="static", **kw)
+        torch.manual_seed(7)
+        assert torch.equal(static, model.generate(t2i, generation_mode="image", decoder="eager", **kw)), kw
+    assert calls == [config.num_generated_image_tokens - 1] * 4  # 15 steps: one chunk of 8, then 7 single steps
+
+    ids = torch.tensor([mmu_prompt(config, (5, 6, 7)), mmu_prompt(config, (5, 8, 9)), mmu_prompt(config, (9, 10, 11))])
+    px = torch.cat([pixels(1), pixels(2), pixels(3)])
+    free = model.generate(ids, pixel_values=px, max_new_tokens=21, eos_token_id=None, decoder="eager")[:, ids.shape[1] :]
+    # an eos id that rows choose first at different steps (or never), one of them after the first chunk
+    first = lambda t: [int((r == t).nonzero()[0]) if bool((r == t).any()) else None for r in free]  # noqa: E731
+    eos = next(int(t) for t in free.flatten().unique() if len(set(first(t))) > 1 and max(s or 0 for s in first(t)) > 8)
+    for max_new, more in ((21, {}), (5, {}), (21, sampled)):
+        kw = dict(pixel_values=px, max_new_tokens=max_new, eos_token_id=eos, **more)
+        calls.clear()
+        torch.manual_seed(3)
+        static = model.generate(ids, decoder="static", **kw)
+        torch.manual_seed(3)
+        assert torch.equal(static, model.generate(ids, decoder="eager", **kw)), (eos, first(eos), more)
+        assert calls == [max_new - 1]
+    # every row done early: generation stops at the step the last row chose eos, as the loop does
+    row_eos = int(free[0, 1])
+    kw = dict(pixel_values=px[:1], max_new_tokens=21, eos_token_id=row_eos)
+    assert torch.equal(model.generate(ids[:1], decoder="static", **kw), model.generate(ids[:1], decoder="eager", **kw))
+    # what needs the host loop takes it: logits returned, a repetition penalty
+    calls.clear()
+    model.generate(ids, decoder="static", pixel_values=px, max_new_tokens=4, repetition_penalty=1.2)
+    model.generate(t2i, generation_mode="image", decoder="static", return_dict_in_generate=True, output_logits=True)
+    assert calls == []
+
+    # the decoder's decode() against its own step() + argmax, fed back by hand
+    dec = model.graph_decoder("t2i", 2, "static")
+    state = (dec.conv.clone(), dec.ssm.clone())
+    start = torch.tensor([3, 5])
+    ours = dec.decode(start, 12, 9, offset=config.text_vocab_size)
+    with pytest.raises(ValueError, match="position table"):
+        dec.decode(start, 20, 9, offset=config.text_vocab_size)
+    dec.conv.copy_(state[0])
+    dec.ssm.copy_(state[1])
+    ref, fed = [], start
+    for k in range(9):
+        ref.append(dec.step(fed + config.text_vocab_size, 12 + k).argmax(-1))
+        fed = ref[-1]
+    assert torch.equal(ours, torch.stack(ref, 1))

@@ -115,6 +115,56 @@ def test_cuda_graph_decoder_equals_eager(model, task, backend):
         assert torch.equal(a, b)
 
 
+@pytest.mark.parametrize("batch", [1, 4])
+@pytest.mark.parametrize("backend", ["fused", "kernels", "hybrid", "inductor"])
+@pytest.mark.parametrize("task", ["t2i", "mmu"])
+def test_choices_inside_the_graph_equal_the_host_loop(model, task, backend, batch):
+    """Greedy and plain sampled `generate()` make their choices inside captured graphs (`OmniMambaGraphDecoder.decode`,
+    8 steps per replay); asking for logits runs the host loop over the one-step graph instead. Same step kernels
+    and, seeded, the same random numbers, so the tokens must be identical, bit for bit — with guidance too (T2I),
+    with an eos that the rows choose at different steps (MMU) — and a seeded call repeats itself (the first call
+    captures the graphs; its warm-up runs must not consume random numbers)."""
+    use_kernels(True)
+    t2i, mmu, pixels = prompts(model.config, model.dtype)
+    t2i = torch.cat([t2i.roll(r, -1) for r in range(batch)])
+    mmu = mmu.expand(batch, -1)
+    pixels = torch.cat([pixels.roll(r, -1) for r in range(batch)])
+    model.reset_graph_decoders()
+    model.graph_decoder(task, batch, backend=backend)  # pre-build with the requested backend ("auto" key below)
+    decoders = model.__dict__["_omnimamba_graph_decoders"]
+    for key in list(decoders):
+        decoders[key[:-1] + ("auto",)] = decoders[key]
+    logits = dict(return_dict_in_generate=True, output_logits=True)
+    sampled = dict(do_sample=True, top_k=100, top_p=0.95, temperature=0.9)
+
+    def both(ids, **kw):
+        """(host loop, graph, graph again), each from the same seed."""
+        out = []
+        for extra in (logits, {}, {}):
+            torch.manual_seed(11)
+            run = model.generate(ids, decoder="cuda_graph", **kw, **extra)
+            out.append(run.sequences if extra else run)
+        return out
+
+    if task == "t2i":
+        for kw in (dict(), dict(guidance_scale=3.0), sampled, dict(sampled, guidance_scale=2.0)):
+            host, graph, again = both(t2i, generation_mode="image", **kw)
+            assert torch.equal(graph, again), kw
+            assert torch.equal(graph, host), kw
+    else:
+        kw = dict(pixel_values=pixels, max_new_tokens=45)
+        host, graph, again = both(mmu, eos_token_id=None, **kw)
+        assert torch.equal(graph, host) and torch.equal(again, host)
+        new = host[:, mmu.shape[1] :]
+        eos = int(new[-1, 20])  # the last row chooses it at step 20 at the latest; others maybe earlier or never
+        for more in ({}, sampled):
+            host, graph, again = both(mmu, eos_token_id=eos, **kw, **more)
+            assert torch.equal(graph, host) and torch.equal(again, host), more
+        print(f"\n[{model.dtype}] mmu {backend} batch {batch}: eos {eos} first chosen at steps "
+              f"{[int((r == eos).nonzero()[0]) if bool((r == eos).any()) else None for r in new]}")  # fmt: skip
+    assert {d.backend for k, d in decoders.items() if k[:2] == (task, batch)} == {backend}
+
+
 def test_fused_training_path_equals_unfused(model):
     """The mamba-ssm fused conv+scan+norm+out_proj kernel (used when no cache/padding is involved, as in the original's
     training) gives the same loss and gradients as the separate kernels (cache path) within TF32/bf16 noise."""

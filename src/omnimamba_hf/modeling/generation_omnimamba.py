@@ -11,6 +11,10 @@ Decoders (`generate(..., decoder=...)`): "eager" runs every step through `forwar
 buffers (`graph_decode_omnimamba.py`); "static" is the same static-buffer step without compilation or graph (any device;
 what the CPU tests use to check the fast path's arithmetic). With "cuda_graph" the prefill is replayed from CUDA
 graphs too (`graph_prefill_omnimamba.py`: vision towers, and the Mamba stack in power-of-two chunks); otherwise eager.
+On the static decoders, greedy and plain sampled decoding (temperature / top-k / top-p, guidance) choose every token
+inside the decoder (`OmniMambaGraphDecoder.decode`: the choice, eos and padding, the fed-back id and position; on CUDA
+one graph replay per 8 steps, no host work in between); returning scores or logits, a repetition penalty, user
+logits processors and streaming take the host loop over the one-step graph. Both give the same tokens.
 
 Position tables. An MMU sequence can hold `mmu_max_position_embeddings` (1500) positions, image slots included; the
 token sampled at the last position is never fed back, so at most `1500 + 1 - prompt_length` new tokens exist. The
@@ -36,7 +40,7 @@ from transformers.generation import (
 from transformers.generation.utils import GenerateDecoderOnlyOutput
 from transformers.utils import logging
 
-from .graph_decode_omnimamba import OmniMambaGraphDecoder
+from .graph_decode_omnimamba import DECODE_CHUNK, OmniMambaGraphDecoder
 from .graph_prefill_omnimamba import OmniMambaGraphPrefill, OmniMambaGraphVision
 from .mixer_omnimamba import ssm_state_dtype
 
@@ -81,6 +85,38 @@ def _plain(generation_config) -> bool:
         and not g.output_hidden_states
         and not g.output_attentions
     )
+
+
+# Logits warpers that ignore the tokens so far and run without host syncs: a decode that needs only these (greedy,
+# or sampling with temperature / top-k / top-p) chooses its tokens inside the decoder's graphs.
+_IN_GRAPH_WARPERS = (TemperatureLogitsWarper, TopKLogitsWarper, TopPLogitsWarper)
+
+
+def _in_graph_choice(generation_config, processors, guidance_scale: float | None = None):
+    """`(choose, key)` for `OmniMambaGraphDecoder.decode` — the host loop's choice of the next token as one
+    capturable function (guidance mix, warpers, argmax or multinomial), and a hashable name for it — or None when
+    the decode needs the host loop (scores or logits returned, a repetition penalty, user logits processors)."""
+    g = generation_config
+    if g.output_logits or g.output_scores or not all(type(p) in _IN_GRAPH_WARPERS for p in processors):
+        return None
+    key = ("sample", g.temperature, g.top_k, g.top_p) if g.do_sample else ("argmax",)
+
+    def choose(logits):
+        if guidance_scale is not None:
+            cond, unc = logits.float().chunk(2)
+            logits = unc + guidance_scale * (cond - unc)
+        return _choose_next(g, processors, None, logits)[0]  # the warpers ignore the tokens so far
+
+    return choose, key + (guidance_scale,)
+
+
+def _choose_next(generation_config, processors, input_ids, logits):
+    """`(next token, scores)` as transformers' decoding loop chooses it: the processors on float32 scores, then
+    multinomial sampling or argmax."""
+    scores = processors(input_ids, logits.float())
+    if generation_config.do_sample:
+        return torch.multinomial(scores.softmax(-1), 1)[:, 0], scores
+    return scores.argmax(-1), scores
 
 
 class OmniMambaGenerationMixin(GenerationMixin):
@@ -244,25 +280,34 @@ class OmniMambaGenerationMixin(GenerationMixin):
         scores, raw = [], []
         next_position = position_ids[:, -1] + 1
         check_every = 1 if streamer is not None or self.device.type != "cuda" else 8  # fewer host syncs on GPU
-        for k in range(max_new):
-            next_scores = processors(sequences, logits.float())
-            if generation_config.output_logits:
-                raw.append(logits.clone())
-            if generation_config.output_scores:
-                scores.append(next_scores)
-            if generation_config.do_sample:
-                token = torch.multinomial(next_scores.softmax(-1), 1)[:, 0]
-            else:
-                token = next_scores.argmax(-1)
-            token = torch.where(unfinished, token, pad)
+        in_graph = None if streamer is not None or static is None else _in_graph_choice(generation_config, processors)
+        if in_graph is not None:  # the default (greedy) and plain sampling: every choice made inside the graph
+            choose, key = in_graph
+            token = choose(logits)
+            unfinished = ~torch.isin(token, torch.tensor(eos, device=token.device, dtype=token.dtype))
             sequences = torch.cat([sequences, token[:, None]], dim=-1)
-            if streamer is not None:
-                streamer.put(token.cpu())
-            for e in eos:
-                unfinished &= token != e
-            if k + 1 == max_new or ((k + 1) % check_every == 0 and not bool(unfinished.any())):
-                break
-            logits = static.step(token, next_position + k)
+            if bool(unfinished.any()):
+                rest = static.decode(
+                    token, next_position, max_new - 1, choose, key, eos=eos, pad=pad, unfinished=unfinished
+                )
+                sequences = torch.cat([sequences, rest], dim=-1)
+            check_every = DECODE_CHUNK  # the columns after every row has finished are trimmed below
+        else:
+            for k in range(max_new):
+                token, next_scores = _choose_next(generation_config, processors, sequences, logits)
+                if generation_config.output_logits:
+                    raw.append(logits.clone())
+                if generation_config.output_scores:
+                    scores.append(next_scores)
+                token = torch.where(unfinished, token, pad)
+                sequences = torch.cat([sequences, token[:, None]], dim=-1)
+                if streamer is not None:
+                    streamer.put(token.cpu())
+                for e in eos:
+                    unfinished &= token != e
+                if k + 1 == max_new or ((k + 1) % check_every == 0 and not bool(unfinished.any())):
+                    break
+                logits = static.step(token, next_position + k)
         if eos and check_every > 1:  # trim the steps taken after every row had finished
             finished_at = (sequences[:, prompt_length:][..., None] == torch.tensor(eos, device=sequences.device)).any(-1)
             done = finished_at.long().cumsum(-1).clamp(max=1).min(0).values  # 1 from the step all rows are done
@@ -364,25 +409,30 @@ class OmniMambaGenerationMixin(GenerationMixin):
         codes = input_ids.new_zeros(batch, n_tokens)
         scores, raw = [], []
         logits = step(None, None)
-        for k in range(n_tokens):
-            if cfg:
-                cond, unc = logits.float().chunk(2)
-                logits = unc + guidance_scale * (cond - unc)
-            next_scores = processors(codes[:, :k], logits.float())
-            if generation_config.output_logits:
-                raw.append(logits.clone())
-            if generation_config.output_scores:
-                scores.append(next_scores)
-            if generation_config.do_sample:
-                code = torch.multinomial(next_scores.softmax(-1), 1)[:, 0]
-            else:
-                code = next_scores.argmax(-1)
-            codes[:, k] = code
-            if streamer is not None:
-                streamer.put((code + config.text_vocab_size).cpu())
-            if k + 1 < n_tokens:
-                fed = torch.cat([code, code]) if cfg else code
-                logits = step(fed + config.text_vocab_size, prompt_length + k)
+        in_graph = None if streamer is not None or step.static is None else _in_graph_choice(
+            generation_config, processors, guidance_scale if cfg else None
+        )
+        if in_graph is not None:  # the default (greedy) and plain sampling: every choice made inside the graph
+            choose, key = in_graph
+            codes[:, 0] = choose(logits)
+            vocab = config.text_vocab_size
+            codes[:, 1:] = step.static.decode(codes[:, 0], prompt_length, n_tokens - 1, choose, key, offset=vocab)
+        else:
+            for k in range(n_tokens):
+                if cfg:
+                    cond, unc = logits.float().chunk(2)
+                    logits = unc + guidance_scale * (cond - unc)
+                code, next_scores = _choose_next(generation_config, processors, codes[:, :k], logits)
+                if generation_config.output_logits:
+                    raw.append(logits.clone())
+                if generation_config.output_scores:
+                    scores.append(next_scores)
+                codes[:, k] = code
+                if streamer is not None:
+                    streamer.put((code + config.text_vocab_size).cpu())
+                if k + 1 < n_tokens:
+                    fed = torch.cat([code, code]) if cfg else code
+                    logits = step(fed + config.text_vocab_size, prompt_length + k)
         if streamer is not None:
             streamer.end()
         sequences = codes + config.text_vocab_size
@@ -416,6 +466,7 @@ class OmniMambaGenerationMixin(GenerationMixin):
                 out = self(input_ids=ids[:, None], task="t2i", cache_params=cache, position_ids=positions)
             return out.logits[:, -1]
 
+        step.static = static
         return step
 
     @torch.no_grad()

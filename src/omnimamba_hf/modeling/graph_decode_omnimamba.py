@@ -37,6 +37,8 @@ from .mixer_omnimamba import TASKS, mamba_kernels, ssm_state_dtype
 # (docs/benchmarks/2026-11-24-h100-session6/steps_hybrid_state_*.log).
 FUSED_MAX_BATCH = 3
 FUSED_MAX_BATCH_TENSOR_CORES = 16
+# Steps per captured graph in `OmniMambaGraphDecoder.decode` (decoding with the choice of each token inside the graph).
+DECODE_CHUNK = 8
 LARGE_BATCH_BACKEND = {torch.bfloat16: "hybrid"}  # by SSM state dtype; "kernels" for the others
 
 
@@ -160,6 +162,13 @@ class OmniMambaGraphDecoder:
         width = config.text_vocab_size if task == "mmu" else config.image_vocab_size
         self.logits = torch.zeros(batch_size, width, device=device, dtype=self.dtype)
         self.batch_size = batch_size
+        # decode(): the chosen tokens (at most one per row of the task's position table), the next column of
+        # `_tokens`, the rows that have not chosen an eos token yet
+        table = model.model.mmu_position_embeddings if task == "mmu" else model.model.t2i_position_embeddings
+        self._tokens = torch.zeros(batch_size, table.shape[1], dtype=torch.long, device=device)
+        self._k = torch.zeros(1, dtype=torch.long, device=device)
+        self._unfinished = torch.ones(batch_size, dtype=torch.bool, device=device)
+        self._eos = {}  # eos ids as tensors the decode() graphs read, by tuple of ids
         # T2I: embed image codes from `image_code_table` (refreshed by `load_state`) instead of the per-step MLP;
         # by default on CUDA in half precision (IMAGE_CODE_TABLE_DTYPES)
         if code_table is None:
@@ -216,7 +225,7 @@ class OmniMambaGraphDecoder:
         self._fn = {"kernels": self._step_kernels, "fused": self._step_fused, "hybrid": self._step_hybrid}.get(
             backend, self._step
         )
-        self._graph = None
+        self._graphs = {}  # captured graphs: "step", and decode() chunks by (steps, choice, rows, eos ids, pad, offset)
         self._use_graph = use_graph and device.type == "cuda"
 
     # -- state in / out -------------------------------------------------------------------------------------------------
@@ -227,17 +236,20 @@ class OmniMambaGraphDecoder:
         if self._fused_in_proj is not None:
             fused = fused_in_proj(model=self.model)
             if fused is not self._fused_in_proj:  # in_proj weights were replaced: new buffers, new graph
-                self._fused_in_proj, self._graph = fused, None
+                self._fused_in_proj = fused
+                self.release()  # the graphs read the old buffers
             rates = ssm_decay_rates(self.model)  # refreshed in place: the graph reads these buffers
             if rates is not self._A:
-                self._A, self._graph = rates, None
+                self._A = rates
+                self.release()  # the graphs read the old buffers
         if self._code_table is not None:
             table = image_code_table(self.model)
             if table is not self._code_table:
-                self._code_table, self._graph = table, None
-        for i, layer in enumerate(cache.layers):
-            self.conv[i].copy_(layer.conv_states[0])
-            self.ssm[i].copy_(layer.recurrent_states[0])
+                self._code_table = table
+                self.release()  # the graphs read the old buffers
+        layers = cache.layers  # two multi-tensor copies, not 2 × 48 launches
+        torch._foreach_copy_(list(self.conv.unbind()), [layer.conv_states[0] for layer in layers])
+        torch._foreach_copy_(list(self.ssm.unbind()), [layer.recurrent_states[0] for layer in layers])
 
     # -- the step -------------------------------------------------------------------------------------------------------
 
@@ -389,42 +401,117 @@ class OmniMambaGraphDecoder:
         """Feed `ids` [B] at `positions` ([B] or an int); return the next-token logits (a view of a static buffer:
         valid until the next call)."""
         self.ids.copy_(ids)
+        self._set_positions(positions)
+        self._run("step", self._fn)
+        return self.logits
+
+    @torch.no_grad()
+    def decode(
+        self, first: torch.Tensor, positions: torch.Tensor | int, steps: int, choose=None, key="argmax",
+        offset: int = 0, eos=(), pad: int = 0, unfinished: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """Decode `steps` tokens with every choice made inside the graph, so that the host only replays graphs
+        (`DECODE_CHUNK` steps per replay). `first` [R]: the choice before the first step (head indices), fed as
+        `first + offset` at `positions` (with R < B, e.g. classifier-free guidance, the B / R row groups are fed
+        the same choices). Each step: `choose(logits) -> [R]` (default argmax; it must be capturable: no host
+        syncs, and `key`, hashable, must name it: one graph per key), `pad` for a row that has finished (one that
+        chose an id in `eos`, or is False in `unfinished`), fed back at the next position. Returns the choices [R, n]:
+        n = `steps`, or fewer once every row has finished (checked after each replay when `eos` is given; the
+        columns after that would all be `pad`). Same tokens as `step()` + the choice on the host, without the
+        per-token host round trip and its small kernels (docs/BENCHMARKS.md)."""
+        rows = self._tokens.shape[1]  # the position table's
+        last = (positions if isinstance(positions, int) else int(positions.max())) + steps - 1
+        if steps > 0 and last >= rows:
+            raise ValueError(f"decode() would feed position {last}; the {self.task} position table has {rows} rows.")
+        r = first.shape[0]
+        if self.batch_size % r:
+            raise ValueError(f"decode() feeds {r} choices to a batch of {self.batch_size} rows: not a divisor.")
+        eos = tuple(sorted({int(e) for e in eos}))
+        if eos and eos not in self._eos:
+            self._eos[eos] = torch.tensor(eos, device=self.ids.device)
+        self.ids.copy_(first.repeat(self.batch_size // r) + offset)
+        self._set_positions(positions)
+        self._k.zero_()
+        if unfinished is None:
+            self._unfinished.fill_(True)
+        else:
+            self._unfinished[:r].copy_(unfinished)
+        choose = choose or _argmax
+        done = 0
+        while done < steps:
+            # never a step past `steps`: its position may not exist (the remainder runs on a one-step graph)
+            n = DECODE_CHUNK if steps - done >= DECODE_CHUNK else 1
+            run = functools.partial(self._decode_steps, n, choose, r, eos, pad, offset)
+            self._run(("decode", n, key, r, eos, pad, offset), run)
+            done += n
+            if eos and not bool(self._unfinished[:r].any()):
+                break
+        return self._tokens[:r, :done].clone()
+
+    def _decode_steps(self, n: int, choose, r: int, eos: tuple, pad: int, offset: int) -> None:
+        tokens, unfinished = self._tokens[:r], self._unfinished[:r]
+        for _ in range(n):
+            self._fn()
+            choice = choose(self.logits)
+            if eos:
+                choice = torch.where(unfinished, choice, pad)
+                unfinished &= (choice[:, None] != self._eos[eos]).all(-1)
+            tokens.index_copy_(1, self._k, choice[:, None])
+            self._k += 1
+            torch.add(choice.repeat(self.batch_size // r), offset, out=self.ids)
+            self.positions += 1
+
+    def _set_positions(self, positions: torch.Tensor | int) -> None:
         if isinstance(positions, int):
             self.positions.fill_(positions)
         else:
             self.positions.copy_(positions)
-        if not self._use_graph:
-            self._fn()
-            return self.logits
-        if self._graph is None:
-            self._capture()
-        self._graph.replay()
-        return self.logits
 
-    def _capture(self) -> None:
-        saved = (self.conv.clone(), self.ssm.clone())  # the warm-up steps must not disturb the states
-        self._graph, _ = capture_graph(self._fn, warmup=3)
-        self.conv.copy_(saved[0])
-        self.ssm.copy_(saved[1])
+    def _run(self, key, fn) -> None:
+        """`fn()`, replayed from a graph captured on first use (eagerly where there are no graphs)."""
+        if not self._use_graph:
+            fn()
+            return
+        if key not in self._graphs:
+            # the warm-up runs must not disturb the states, the decode() buffers or the random numbers (sampling):
+            # restored before each and after
+            mutable = (self.conv, self.ssm, self.ids, self.positions, self._tokens, self._k, self._unfinished)
+            saved = [t.clone() for t in mutable]
+            device = self.ids.device
+            rng = torch.cuda.get_rng_state(device)
+
+            def restore():
+                torch._foreach_copy_(list(mutable), saved)
+                torch.cuda.set_rng_state(rng, device)
+
+            self._graphs[key], _ = capture_graph(fn, warmup=3, before_each=restore)
+            restore()
+        self._graphs[key].replay()
 
     def release(self) -> None:
-        """Free the captured graph now (not whenever the garbage collector gets to this object)."""
-        if self._graph is not None:
-            self._graph.reset()
-            self._graph = None
+        """Free the captured graphs now (not whenever the garbage collector gets to this object)."""
+        for graph in self._graphs.values():
+            graph.reset()
+        self._graphs = {}
 
 
-def capture_graph(fn, pool=None, warmup: int = 3):
-    """Run `fn` `warmup` times on a side stream (compilation, autotuning, cuBLAS handles), then capture it in a CUDA
-    graph (memory from `pool` if given); returns `(graph, fn's outputs)`. Python's cyclic garbage collector stays off
-    during the capture: dropped decoders and prefill graphs sit in reference cycles with the model, and collected
-    mid-capture their CUDAGraph destructors invalidate it ("operation not permitted when stream is capturing"; seen on
-    the H100 when a batch-8 decoder was captured right after `reset_graph_decoders()`). torch.cuda.graph no longer
-    runs gc.collect() itself."""
+def _argmax(logits: torch.Tensor) -> torch.Tensor:
+    return logits.argmax(-1)
+
+
+def capture_graph(fn, pool=None, warmup: int = 3, before_each=None):
+    """Run `fn` `warmup` times on a side stream (compilation, autotuning, cuBLAS handles; `before_each()` before each
+    run, not captured), then capture it in a CUDA graph (memory from `pool` if given); returns `(graph, fn's
+    outputs)`. Python's cyclic garbage collector stays off during the capture: dropped decoders and prefill graphs
+    sit in reference cycles with the model, and collected mid-capture their CUDAGraph destructors invalidate it
+    ("operation not permitted when stream is capturing"; seen on the H100 when a batch-8 decoder was captured right
+    after `reset_graph_decoders()`). torch.cuda.graph no longer runs gc.collect() itself."""
     stream = torch.cuda.Stream()
     stream.wait_stream(torch.cuda.current_stream())
     with torch.cuda.stream(stream):
         for _ in range(warmup):
+            if before_each is not None:
+                before_each()
             fn()
     torch.cuda.current_stream().wait_stream(stream)
     graph = torch.cuda.CUDAGraph()

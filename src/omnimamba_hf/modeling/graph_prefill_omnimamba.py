@@ -9,7 +9,7 @@ vision-tower layers take ~100 ms to enqueue, while the GPU needs a few ms (docs/
   512 + 256 + 29). That is exact: a chunked scan from an initial state is the same recurrence (tests check chunked ==
   one-shot). A chunk's cost is mostly its ~800 launches (~4 ms on an H100 whatever its length), so few chunks matter
   more than few graphs: at most 5 power-of-two graphs + one per remainder length seen (< 64) per (task, batch size,
-  padded or not), each captured on first use.
+  padded or not), each captured on first use. T2I prompts (all of one length) run as one chunk.
 
 The embeddings (token tables, caption MLP, image-feature scatter, position tables) and the input validation stay
 eager: a handful of launches. The recurrent states live in a transformers `DynamicCache` whose tensors never move
@@ -136,6 +136,14 @@ class OmniMambaGraphPrefill:
         head = self.model.lm_head if self.task == "mmu" else self.model.image_head
         return head(hidden)
 
+    def chunk_lengths(self, length: int) -> list[int]:
+        """How a prompt of `length` positions is split. T2I prompts all have the same length (72 for the released
+        model), so a T2I prefill is one chunk, one graph: a second chunk would cost its ~700 launches (~4 ms on an
+        H100) again. MMU prompt lengths vary: power-of-two chunks bound the number of graphs."""
+        if self.task == "t2i" and length <= 1024:
+            return [length]
+        return chunk_lengths(length, self.min_chunk)
+
     def _chunk(self, length: int, masked: bool):
         key = (length, masked)
         if key not in self._chunks:
@@ -176,7 +184,7 @@ class OmniMambaGraphPrefill:
             s.zero_()
         masked = attention_mask is not None
         start = 0
-        for length in chunk_lengths(inputs_embeds.shape[1], self.min_chunk):
+        for length in self.chunk_lengths(inputs_embeds.shape[1]):
             graph, embeds, mask, logits = self._chunk(length, masked and length > 1)
             embeds.copy_(inputs_embeds[:, start : start + length])
             if mask is not None:
