@@ -111,3 +111,20 @@ def t2i_prompt_ids(config, caption=(8, 9, 10), codes=()) -> list[int]:
     c = config
     slots = [c.pad_token_id] * (c.t2i_caption_length - len(caption)) + list(caption)
     return [c.t2i_token_id, c.sot_token_id, *slots, c.eot_token_id, c.soi_token_id] + [c.text_vocab_size + k for k in codes]
+
+
+def run_in_triton_interpreter(script: str, timeout: int = 900):
+    """Run `script`'s main() in a subprocess under Triton's interpreter (TRITON_INTERPRET=1 must be set before triton
+    is imported) and return the JSON object its last output line prints."""
+    import json
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    path = os.pathsep.join([str(root / "src"), str(root / "tests"), os.environ.get("PYTHONPATH", "")])
+    env = {**os.environ, "TRITON_INTERPRET": "1", "PYTHONPATH": path}
+    run = subprocess.run([sys.executable, script], env=env, capture_output=True, text=True, timeout=timeout)
+    assert run.returncode == 0, run.stderr[-4000:]
+    return json.loads(run.stdout.strip().splitlines()[-1])

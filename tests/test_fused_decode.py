@@ -5,24 +5,15 @@ imported, hence the subprocess); on the GPU tests/gpu runs them compiled, in bf1
 interpreter rounds to bfloat16 by truncation, not round-to-nearest as the GPU does."""
 
 import json
-import os
-import subprocess
-import sys
-from pathlib import Path
 
 import pytest
+from common import run_in_triton_interpreter
 
 pytest.importorskip("triton")
 
-ROOT = Path(__file__).resolve().parents[1]
-
 
 def test_fused_step_equals_torch_step_in_triton_interpreter():
-    path = os.pathsep.join([str(ROOT / "src"), str(ROOT / "tests"), os.environ.get("PYTHONPATH", "")])
-    env = {**os.environ, "TRITON_INTERPRET": "1", "PYTHONPATH": path}
-    run = subprocess.run([sys.executable, __file__], env=env, capture_output=True, text=True, timeout=900)
-    assert run.returncode == 0, run.stderr[-4000:]
-    results = json.loads(run.stdout.strip().splitlines()[-1])
+    results = run_in_triton_interpreter(__file__)
     # tasks x batch sizes x steps, + bf16 state, + heads split over programs, + after retraining an adapter
     assert len(results) == 2 * 3 * 4 + 4 + 2 * 2 + 1
     for r in results:

@@ -14,7 +14,7 @@ import pytest
 import torch
 
 from omnimamba_hf import OmniMambaConfig, OmniMambaForConditionalGeneration
-from omnimamba_hf.modeling import mixer_omnimamba
+from omnimamba_hf.modeling import generation_omnimamba, mixer_omnimamba
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 LAYERS = int(os.environ.get("OMNIMAMBA_GPU_TEST_LAYERS", "8"))
@@ -135,34 +135,81 @@ def test_choices_inside_the_graph_equal_the_host_loop(model, task, backend, batc
     for key in list(decoders):
         decoders[key[:-1] + ("auto",)] = decoders[key]
     logits = dict(return_dict_in_generate=True, output_logits=True)
-    sampled = dict(do_sample=True, top_k=100, top_p=0.95, temperature=0.9)
+    sampled = dict(do_sample=True, top_k=100, top_p=0.95, temperature=0.9)  # top-p: the PyTorch choice in the graph
+    fused_sampled = dict(do_sample=True, top_k=100 if task == "t2i" else 0, temperature=0.9)  # the Triton choice
 
-    def both(ids, **kw):
-        """(host loop, graph, graph again), each from the same seed."""
+    def both(ids, fused=True, **kw):
+        """(host loop, graph, graph again), each from the same seed; `fused`: greedy and temperature / top-k
+        sampling choose in one Triton launch (FusedChoice), else with PyTorch ops."""
         out = []
-        for extra in (logits, {}, {}):
-            torch.manual_seed(11)
-            run = model.generate(ids, decoder="cuda_graph", **kw, **extra)
-            out.append(run.sequences if extra else run)
+        generation_omnimamba.USE_FUSED_CHOICE = fused
+        try:
+            for extra in (logits, {}, {}):
+                torch.manual_seed(11)
+                run = model.generate(ids, decoder="cuda_graph", **kw, **extra)
+                out.append(run.sequences if extra else run)
+        finally:
+            generation_omnimamba.USE_FUSED_CHOICE = True
         return out
 
     if task == "t2i":
-        for kw in (dict(), dict(guidance_scale=3.0), sampled, dict(sampled, guidance_scale=2.0)):
-            host, graph, again = both(t2i, generation_mode="image", **kw)
+        for fused, kw in ((True, {}), (False, {}), (True, dict(guidance_scale=3.0)), (True, sampled),
+                          (True, dict(sampled, guidance_scale=2.0))):  # fmt: skip
+            host, graph, again = both(t2i, fused, generation_mode="image", **kw)
             assert torch.equal(graph, again), kw
-            assert torch.equal(graph, host), kw
+            assert torch.equal(graph, host), (fused, kw)
+        _, graph, again = both(t2i, generation_mode="image", **fused_sampled)
+        assert torch.equal(graph, again)  # seeded: repeats (other draws than the host loop's multinomial)
     else:
         kw = dict(pixel_values=pixels, max_new_tokens=45)
-        host, graph, again = both(mmu, eos_token_id=None, **kw)
-        assert torch.equal(graph, host) and torch.equal(again, host)
+        for fused in (True, False):
+            host, graph, again = both(mmu, fused, eos_token_id=None, **kw)
+            assert torch.equal(graph, host) and torch.equal(again, host), fused
         new = host[:, mmu.shape[1] :]
         eos = int(new[-1, 20])  # the last row chooses it at step 20 at the latest; others maybe earlier or never
         for more in ({}, sampled):
             host, graph, again = both(mmu, eos_token_id=eos, **kw, **more)
             assert torch.equal(graph, host) and torch.equal(again, host), more
+        _, graph, again = both(mmu, eos_token_id=eos, **kw, **fused_sampled)
+        assert torch.equal(graph, again)
         print(f"\n[{model.dtype}] mmu {backend} batch {batch}: eos {eos} first chosen at steps "
               f"{[int((r == eos).nonzero()[0]) if bool((r == eos).any()) else None for r in new]}")  # fmt: skip
     assert {d.backend for k, d in decoders.items() if k[:2] == (task, batch)} == {backend}
+
+
+def test_fused_choice_kernel_compiled():
+    """The one-launch token choice compiled: greedy == torch.argmax on bf16 logits with ties at both head widths and
+    64 rows; 20,000 top-k draws at the T2I width follow softmax(top-k(logits / temperature)) (5-sigma bound), never
+    outside the top k."""
+    from omnimamba_hf.modeling.triton_choice_omnimamba import choose_and_feed
+
+    g = torch.Generator(device="cuda").manual_seed(0)
+
+    def buffers(rows):
+        return dict(
+            tokens=torch.zeros(rows, 2, dtype=torch.long, device="cuda"),
+            steps=torch.zeros(rows, dtype=torch.long, device="cuda"), ids=torch.zeros(rows, dtype=torch.long, device="cuda"),
+            positions=torch.zeros(rows, dtype=torch.long, device="cuda"),
+            unfinished=torch.ones(rows, dtype=torch.bool, device="cuda"), seed=torch.tensor([99], device="cuda"),
+        )  # fmt: skip
+
+    for width in (16384, 50288):
+        logits = (torch.randn(64, width, device="cuda", generator=g) * 2).bfloat16()  # bf16: many exact ties
+        b = buffers(64)
+        choose_and_feed(logits, **b)
+        assert torch.equal(b["tokens"][:, 0], logits.float().argmax(-1)), width
+    n, width, top_k, temperature = 20000, 16384, 50, 0.8
+    row = torch.randn(width, device="cuda", generator=g) * 3
+    b = buffers(n)
+    choose_and_feed(row.expand(n, width).contiguous(), **b, do_sample=True, temperature=temperature, top_k=top_k)
+    freq = torch.bincount(b["tokens"][:, 0], minlength=width).double() / n
+    scores = row / temperature
+    kept = scores >= scores.topk(top_k).values[-1]
+    p = torch.where(kept, scores, torch.tensor(float("-inf"), device="cuda")).double().softmax(-1)
+    bound = 5 * (p * (1 - p) / n).sqrt() + 1e-4
+    print(f"\nfused choice: 20,000 top-{top_k} draws, max |freq - p| {(freq - p).abs().max().item():.4f}")
+    assert int(freq[~kept].gt(0).sum()) == 0
+    assert bool(((freq - p).abs() <= bound).all()), ((freq - p).abs() / bound).max()
 
 
 def test_fused_training_path_equals_unfused(model):

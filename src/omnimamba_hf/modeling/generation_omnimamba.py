@@ -14,7 +14,9 @@ graphs too (`graph_prefill_omnimamba.py`: vision towers, and the Mamba stack in 
 On the static decoders, greedy and plain sampled decoding (temperature / top-k / top-p, guidance) choose every token
 inside the decoder (`OmniMambaGraphDecoder.decode`: the choice, eos and padding, the fed-back id and position; on CUDA
 one graph replay per 8 steps, no host work in between); returning scores or logits, a repetition penalty, user
-logits processors and streaming take the host loop over the one-step graph. Both give the same tokens.
+logits processors and streaming take the host loop over the one-step graph. Both give the same tokens, except that
+on CUDA temperature / top-k sampling without guidance chooses with one Triton launch per step (`FusedChoice`), whose
+draws follow the same distribution with other random numbers (`USE_FUSED_CHOICE = False`: the PyTorch choice).
 
 Position tables. An MMU sequence can hold `mmu_max_position_embeddings` (1500) positions, image slots included; the
 token sampled at the last position is never fed back, so at most `1500 + 1 - prompt_length` new tokens exist. The
@@ -40,9 +42,11 @@ from transformers.generation import (
 from transformers.generation.utils import GenerateDecoderOnlyOutput
 from transformers.utils import logging
 
-from .graph_decode_omnimamba import DECODE_CHUNK, OmniMambaGraphDecoder
+from .graph_decode_omnimamba import DECODE_CHUNK, FusedChoice, OmniMambaGraphDecoder
 from .graph_prefill_omnimamba import OmniMambaGraphPrefill, OmniMambaGraphVision
 from .mixer_omnimamba import ssm_state_dtype
+from .triton_choice_omnimamba import fused_choice_supported
+from .triton_decode_omnimamba import fused_decode_available
 
 # model.__dict__ entries that hold captured graphs and static buffers: dropped by reset_graph_decoders() and never
 # pickled / deep-copied with the model.
@@ -92,13 +96,28 @@ def _plain(generation_config) -> bool:
 _IN_GRAPH_WARPERS = (TemperatureLogitsWarper, TopKLogitsWarper, TopPLogitsWarper)
 
 
-def _in_graph_choice(generation_config, processors, guidance_scale: float | None = None):
-    """`(choose, key)` for `OmniMambaGraphDecoder.decode` — the host loop's choice of the next token as one
-    capturable function (guidance mix, warpers, argmax or multinomial), and a hashable name for it — or None when
-    the decode needs the host loop (scores or logits returned, a repetition penalty, user logits processors)."""
+# On CUDA, greedy and temperature / top-k sampling choose in one Triton launch per step (FusedChoice) instead of
+# PyTorch ops: ~20 µs less per greedy token, ~140 µs less per sampled T2I token on an H100 (docs/BENCHMARKS.md).
+# Sampling then draws other random numbers than the host loop (same distribution); False keeps the PyTorch choice.
+USE_FUSED_CHOICE = True
+
+
+def _in_graph_choice(generation_config, processors, decoder: OmniMambaGraphDecoder, guidance_scale=None):
+    """`(choose, key)` for `decoder.decode` — the host loop's choice of the next token as one capturable function
+    (guidance mix, warpers, argmax or multinomial) and a hashable name for it, or a `FusedChoice` — or None when the
+    decode needs the host loop (scores or logits returned, a repetition penalty, user logits processors)."""
     g = generation_config
     if g.output_logits or g.output_scores or not all(type(p) in _IN_GRAPH_WARPERS for p in processors):
         return None
+    device, width = decoder.logits.device, decoder.logits.shape[1]
+    top_k = int(g.top_k or 0) if g.do_sample else 0  # as `_logits_processors` builds the warpers
+    if (
+        USE_FUSED_CHOICE and guidance_scale is None and device.type == "cuda" and fused_decode_available("cuda")
+        and not any(isinstance(p, TopPLogitsWarper) for p in processors)
+        and fused_choice_supported(width, g.do_sample, top_k)
+    ):  # fmt: skip
+        temperature = float(g.temperature) if g.do_sample and g.temperature is not None else 1.0
+        return FusedChoice(bool(g.do_sample), temperature, top_k), None
     key = ("sample", g.temperature, g.top_k, g.top_p) if g.do_sample else ("argmax",)
 
     def choose(logits):
@@ -108,6 +127,14 @@ def _in_graph_choice(generation_config, processors, guidance_scale: float | None
         return _choose_next(g, processors, None, logits)[0]  # the warpers ignore the tokens so far
 
     return choose, key + (guidance_scale,)
+
+
+def _first_choice(choose, generation_config, processors, logits):
+    """The choice from the prefill's logits, before `decode()` takes over (PyTorch ops for a `FusedChoice` too,
+    which never comes with guidance)."""
+    if isinstance(choose, FusedChoice):
+        return _choose_next(generation_config, processors, None, logits)[0]
+    return choose(logits)
 
 
 def _choose_next(generation_config, processors, input_ids, logits):
@@ -280,10 +307,12 @@ class OmniMambaGenerationMixin(GenerationMixin):
         scores, raw = [], []
         next_position = position_ids[:, -1] + 1
         check_every = 1 if streamer is not None or self.device.type != "cuda" else 8  # fewer host syncs on GPU
-        in_graph = None if streamer is not None or static is None else _in_graph_choice(generation_config, processors)
+        in_graph = None if streamer is not None or static is None else _in_graph_choice(
+            generation_config, processors, static
+        )
         if in_graph is not None:  # the default (greedy) and plain sampling: every choice made inside the graph
             choose, key = in_graph
-            token = choose(logits)
+            token = _first_choice(choose, generation_config, processors, logits)
             unfinished = ~torch.isin(token, torch.tensor(eos, device=token.device, dtype=token.dtype))
             sequences = torch.cat([sequences, token[:, None]], dim=-1)
             if bool(unfinished.any()):
@@ -410,11 +439,11 @@ class OmniMambaGenerationMixin(GenerationMixin):
         scores, raw = [], []
         logits = step(None, None)
         in_graph = None if streamer is not None or step.static is None else _in_graph_choice(
-            generation_config, processors, guidance_scale if cfg else None
+            generation_config, processors, step.static, guidance_scale if cfg else None
         )
         if in_graph is not None:  # the default (greedy) and plain sampling: every choice made inside the graph
             choose, key = in_graph
-            codes[:, 0] = choose(logits)
+            codes[:, 0] = _first_choice(choose, generation_config, processors, logits)
             vocab = config.text_vocab_size
             codes[:, 1:] = step.static.decode(codes[:, 0], prompt_length, n_tokens - 1, choose, key, offset=vocab)
         else:

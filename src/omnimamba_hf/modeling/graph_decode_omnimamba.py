@@ -13,6 +13,7 @@ The prefill (graph_prefill_omnimamba.py on "cuda_graph", else the eager forward)
 `DynamicCache`; `load_state` copies them into the static buffers. Decoders are cached on the model per (task, batch
 size, dtype, state dtype, device).
 """
+import dataclasses
 import functools
 import gc
 from types import SimpleNamespace
@@ -25,6 +26,7 @@ from .triton_decode_omnimamba import (
     gated_sumsq_parts, launch_configs, rmsnorm_gemv, tensor_cores_available,
 )
 from .mixer_omnimamba import TASKS, mamba_kernels, ssm_state_dtype
+from .triton_choice_omnimamba import choose_and_feed
 
 # Largest batch for which "auto" picks the fused Triton step: its CUDA-core GEMVs up to batch 3 (they read each weight
 # tile once for all rows, but multiply on CUDA cores), then, in bfloat16, its tensor-core GEMMs
@@ -166,9 +168,10 @@ class OmniMambaGraphDecoder:
         # `_tokens`, the rows that have not chosen an eos token yet
         table = model.model.mmu_position_embeddings if task == "mmu" else model.model.t2i_position_embeddings
         self._tokens = torch.zeros(batch_size, table.shape[1], dtype=torch.long, device=device)
-        self._k = torch.zeros(1, dtype=torch.long, device=device)
+        self._k = torch.zeros(batch_size, dtype=torch.long, device=device)
         self._unfinished = torch.ones(batch_size, dtype=torch.bool, device=device)
-        self._eos = {}  # eos ids as tensors the decode() graphs read, by tuple of ids
+        self._eos = {}  # eos ids as tensors the decode() graphs read (padded with -1 to a power of two), by tuple of ids
+        self._seed = torch.zeros(1, dtype=torch.long, device=device)  # FusedChoice sampling: drawn per decode() call
         # T2I: embed image codes from `image_code_table` (refreshed by `load_state`) instead of the per-step MLP;
         # by default on CUDA in half precision (IMAGE_CODE_TABLE_DTYPES)
         if code_table is None:
@@ -414,7 +417,8 @@ class OmniMambaGraphDecoder:
         (`DECODE_CHUNK` steps per replay). `first` [R]: the choice before the first step (head indices), fed as
         `first + offset` at `positions` (with R < B, e.g. classifier-free guidance, the B / R row groups are fed
         the same choices). Each step: `choose(logits) -> [R]` (default argmax; it must be capturable: no host
-        syncs, and `key`, hashable, must name it: one graph per key), `pad` for a row that has finished (one that
+        syncs, and `key`, hashable, must name it: one graph per key) — or a `FusedChoice`, which makes the choice and
+        everything after it in one Triton launch —, `pad` for a row that has finished (one that
         chose an id in `eos`, or is False in `unfinished`), fed back at the next position. Returns the choices [R, n]:
         n = `steps`, or fewer once every row has finished (checked after each replay when `eos` is given; the
         columns after that would all be `pad`). Same tokens as `step()` + the choice on the host, without the
@@ -428,7 +432,10 @@ class OmniMambaGraphDecoder:
             raise ValueError(f"decode() feeds {r} choices to a batch of {self.batch_size} rows: not a divisor.")
         eos = tuple(sorted({int(e) for e in eos}))
         if eos and eos not in self._eos:
-            self._eos[eos] = torch.tensor(eos, device=self.ids.device)
+            padded = eos + (-1,) * ((1 << (len(eos) - 1).bit_length()) - len(eos))  # no choice is -1
+            self._eos[eos] = torch.tensor(padded, device=self.ids.device)
+        if isinstance(choose, FusedChoice) and choose.do_sample:
+            self._seed.random_(0, 2**62)  # from torch's generator: seeded calls repeat
         self.ids.copy_(first.repeat(self.batch_size // r) + offset)
         self._set_positions(positions)
         self._k.zero_()
@@ -437,6 +444,7 @@ class OmniMambaGraphDecoder:
         else:
             self._unfinished[:r].copy_(unfinished)
         choose = choose or _argmax
+        key = choose if isinstance(choose, FusedChoice) else key
         done = 0
         while done < steps:
             # never a step past `steps`: its position may not exist (the remainder runs on a one-step graph)
@@ -449,15 +457,23 @@ class OmniMambaGraphDecoder:
         return self._tokens[:r, :done].clone()
 
     def _decode_steps(self, n: int, choose, r: int, eos: tuple, pad: int, offset: int) -> None:
-        tokens, unfinished = self._tokens[:r], self._unfinished[:r]
+        tokens, unfinished, steps = self._tokens[:r], self._unfinished[:r], self._k[:r]
+        eos_ids = self._eos[eos] if eos else None
         for _ in range(n):
             self._fn()
+            if isinstance(choose, FusedChoice):  # everything below in one launch
+                choose_and_feed(
+                    self.logits, tokens, steps, self.ids, self.positions, unfinished, self._seed, eos_ids,
+                    do_sample=choose.do_sample, temperature=choose.temperature, top_k=choose.top_k, offset=offset,
+                    pad=pad,
+                )  # fmt: skip
+                continue
             choice = choose(self.logits)
             if eos:
                 choice = torch.where(unfinished, choice, pad)
-                unfinished &= (choice[:, None] != self._eos[eos]).all(-1)
-            tokens.index_copy_(1, self._k, choice[:, None])
-            self._k += 1
+                unfinished &= (choice[:, None] != eos_ids).all(-1)
+            tokens.scatter_(1, steps[:, None], choice[:, None])
+            steps += 1
             torch.add(choice.repeat(self.batch_size // r), offset, out=self.ids)
             self.positions += 1
 
@@ -493,6 +509,17 @@ class OmniMambaGraphDecoder:
         for graph in self._graphs.values():
             graph.reset()
         self._graphs = {}
+
+
+@dataclasses.dataclass(frozen=True)
+class FusedChoice:
+    """A token choice that `decode()` makes in one Triton launch per step (`triton_choice_omnimamba`): greedy, or
+    sampling after a temperature and top-k (Gumbel-max with Triton's generator: the same distribution as
+    `torch.multinomial`, other draws)."""
+
+    do_sample: bool = False
+    temperature: float = 1.0
+    top_k: int = 0
 
 
 def _argmax(logits: torch.Tensor) -> torch.Tensor:
@@ -578,6 +605,6 @@ def _rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor
 
 
 __all__ = [
-    "OmniMambaGraphDecoder", "capture_graph", "fused_in_proj", "image_code_table", "ssm_decay_rates",
+    "FusedChoice", "OmniMambaGraphDecoder", "capture_graph", "fused_in_proj", "image_code_table", "ssm_decay_rates",
     "uses_image_code_table",
 ]
