@@ -97,7 +97,7 @@ _IN_GRAPH_WARPERS = (TemperatureLogitsWarper, TopKLogitsWarper, TopPLogitsWarper
 
 
 # On CUDA, greedy and temperature / top-k sampling choose in one Triton launch per step (FusedChoice) instead of
-# PyTorch ops: ~20 µs less per greedy token, ~140 µs less per sampled T2I token on an H100 (docs/BENCHMARKS.md).
+# PyTorch ops: ~10 µs less per greedy token, ~140 µs less per top-k-sampled T2I token on an H100 (docs/BENCHMARKS.md).
 # Sampling then draws other random numbers than the host loop (same distribution); False keeps the PyTorch choice.
 USE_FUSED_CHOICE = True
 
