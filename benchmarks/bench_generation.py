@@ -50,6 +50,15 @@ def timed(fn, repeat=1):
     return sorted(times)[len(times) // 2]
 
 
+def decode_ms_per_token(total_s: float, first_s: float, tokens: int) -> float:
+    """ms per token after the first, (T(N) - T(1)) / (N - 1): how bench_original_decode.py times the original."""
+    return (total_s - first_s) / (tokens - 1) * 1e3
+
+
+# generate() arguments that make it run the host loop over the one-step graph (it returns every step's logits)
+HOST_LOOP = dict(return_dict_in_generate=True, output_logits=True)
+
+
 def event_time_ms(fn, iters=50, warmup=5):
     """Mean device time of fn() in ms, with CUDA events (falls back to wall time on CPU)."""
     for _ in range(warmup):
@@ -120,22 +129,22 @@ def bench_omnimamba(model, bandwidth, tiny: bool):
         prompt = torch.randint(0, 50000 if not tiny else 200, (B, config.t2i_prompt_length), device=device)
         t_first = timed(lambda: model.generate(prompt, generation_mode="image"))  # compile + capture
         t_gen = timed(lambda: model.generate(prompt, generation_mode="image"), repeat=3)
-        # the host loop over the one-step graph, which generate() runs when asked for logits (the default greedy
-        # decode makes its choices inside the graph: OmniMambaGraphDecoder.greedy)
-        host_loop = dict(generation_mode="image", return_dict_in_generate=True, output_logits=True)
-        model.generate(prompt, **host_loop)
-        t_host = timed(lambda: model.generate(prompt, **host_loop), repeat=3)
+        # the host loop over the one-step graph, which generate() runs when asked for logits (the default decode
+        # makes its choices inside the graph: OmniMambaGraphDecoder.decode)
+        model.generate(prompt, generation_mode="image", **HOST_LOOP)
+        t_host = timed(lambda: model.generate(prompt, generation_mode="image", **HOST_LOOP), repeat=3)
         # the original's per-token measure, (T(256) - T(1)) / 255: T(1) is what generate() runs before its first
         # decode step (prefill, image-code table, first choice); the number of image tokens is fixed by the VQ grid
         decoder = model._resolve_decoder("auto")
         t_one = timed(lambda: model._t2i_stepper(prompt, decoder)(None, None).argmax(-1), repeat=3)
+        alike_ms, host_ms = decode_ms_per_token(t_gen, t_one, n_img), decode_ms_per_token(t_host, t_one, n_img)
         sampled = {}
         if B == 1:  # top-k sampling, in the graph and in the host loop
             kw = dict(generation_mode="image", do_sample=True, top_k=1000, temperature=1.0)
-            for name, extra in (("in_graph", {}), ("host_loop", dict(return_dict_in_generate=True, output_logits=True))):
+            for name, extra in (("in_graph", {}), ("host_loop", HOST_LOOP)):
                 model.generate(prompt, **kw, **extra)
                 t = timed(lambda: model.generate(prompt, **kw, **extra), repeat=3)
-                sampled[f"ms_per_token_decode_top_k_{name}"] = (t - t_one) / (n_img - 1) * 1e3
+                sampled[f"ms_per_token_decode_top_k_{name}"] = decode_ms_per_token(t, t_one, n_img)
             print(f"T2I batch 1, top-k sampling: {sampled['ms_per_token_decode_top_k_in_graph']:.3f} ms/token "
                   f"(host loop: {sampled['ms_per_token_decode_top_k_host_loop']:.3f})", flush=True)  # fmt: skip
         dec = model.graph_decoder("t2i", B)
@@ -146,9 +155,9 @@ def bench_omnimamba(model, bandwidth, tiny: bool):
             "generate_s_per_batch": t_gen,
             "ms_per_token_generate": t_gen / n_img * 1e3,
             "first_token_ms": t_one * 1e3,
-            "ms_per_token_decode": (t_gen - t_one) / (n_img - 1) * 1e3,
+            "ms_per_token_decode": alike_ms,
             "generate_s_host_loop": t_host,
-            "ms_per_token_decode_host_loop": (t_host - t_one) / (n_img - 1) * 1e3,
+            "ms_per_token_decode_host_loop": host_ms,
             **sampled,
             "ms_per_step_graph": step_ms,
             "s_per_image": t_gen / B,
@@ -158,8 +167,7 @@ def bench_omnimamba(model, bandwidth, tiny: bool):
         }
         print(f"T2I batch {B:3d}: step {step_ms:.3f} ms ({step_ms / floor_ms('t2i', B):.2f}x floor), "
               f"generate {t_gen:.3f} s per batch, {B / t_gen:.1f} images/s; first token {t_one * 1e3:.1f} ms, then "
-              f"{(t_gen - t_one) / (n_img - 1) * 1e3:.3f} ms/token (host loop: {(t_host - t_one) / (n_img - 1) * 1e3:.3f})",
-              flush=True)  # fmt: skip
+              f"{alike_ms:.3f} ms/token (host loop: {host_ms:.3f})", flush=True)  # fmt: skip
 
     # the two graph-decoder backends side by side (batch 1)
     if torch.cuda.is_available():
@@ -206,10 +214,10 @@ def bench_omnimamba(model, bandwidth, tiny: bool):
     model.generate(ids, pixel_values=pixels, max_new_tokens=new, eos_token_id=None)  # compile + capture
     t = timed(lambda: model.generate(ids, pixel_values=pixels, max_new_tokens=new, eos_token_id=None), repeat=3)
     t_one = timed(lambda: model.generate(ids, pixel_values=pixels, max_new_tokens=1, eos_token_id=None), repeat=3)
-    host_loop = dict(pixel_values=pixels, max_new_tokens=new, eos_token_id=None, return_dict_in_generate=True,
-                     output_logits=True)  # fmt: skip
+    host_loop = dict(pixel_values=pixels, max_new_tokens=new, eos_token_id=None, **HOST_LOOP)
     model.generate(ids, **host_loop)
     t_host = timed(lambda: model.generate(ids, **host_loop), repeat=3)
+    alike_ms, host_ms = decode_ms_per_token(t, t_one, new), decode_ms_per_token(t_host, t_one, new)
     dec = model.graph_decoder("mmu", 1)
     tok = torch.full((1,), 100, device=device)
     step_ms = event_time_ms(lambda: dec.step(tok, ids.shape[1]), iters=100)
@@ -223,16 +231,16 @@ def bench_omnimamba(model, bandwidth, tiny: bool):
         "ms_per_step_graph": step_ms,
         "ms_per_token_generate": decode_ms,
         "first_token_ms": t_one * 1e3,
-        "ms_per_token_decode": (t - t_one) / (new - 1) * 1e3,
-        "ms_per_token_decode_host_loop": (t_host - t_one) / (new - 1) * 1e3,
+        "ms_per_token_decode": alike_ms,
+        "ms_per_token_decode_host_loop": host_ms,
         "step_over_floor": step_ms / results["mmu_floor_ms"],
         "generate_over_floor": decode_ms / results["mmu_floor_ms"],
     }
     print(f"MMU batch 1: eager image+prefill {eager_prefill_ms:.1f} ms (vision {eager_vision_ms:.1f} ms)", flush=True)
     print(f"MMU batch 1: image+prefill of {ids.shape[1]} positions {prefill_ms:.1f} ms (vision {vision_ms:.1f} ms); "
           f"step {step_ms:.3f} ms ({step_ms / results['mmu_floor_ms']:.2f}x floor); generate {decode_ms:.3f} ms/token; "
-          f"first token {t_one * 1e3:.1f} ms, then {(t - t_one) / (new - 1) * 1e3:.3f} ms/token (host loop: "
-          f"{(t_host - t_one) / (new - 1) * 1e3:.3f})", flush=True)  # fmt: skip
+          f"first token {t_one * 1e3:.1f} ms, then {alike_ms:.3f} ms/token (host loop: {host_ms:.3f})",
+          flush=True)  # fmt: skip
 
     # peak memory vs generated length: the recurrent state does not grow (other batch sizes' decoders dropped first)
     if torch.cuda.is_available():

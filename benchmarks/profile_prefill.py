@@ -8,7 +8,6 @@ table).
 """
 
 import sys
-
 import time
 
 import torch

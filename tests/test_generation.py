@@ -493,10 +493,13 @@ def test_choices_inside_the_graph_equal_the_step_by_step_loop(model, config, mon
         torch.manual_seed(3)
         assert torch.equal(static, model.generate(ids, decoder="eager", **kw)), (eos, first(eos), more)
         assert calls == [max_new - 1]
-    # every row done early: generation stops at the step the last row chose eos, as the loop does
-    row_eos = int(free[0, 1])
-    kw = dict(pixel_values=px[:1], max_new_tokens=21, eos_token_id=row_eos)
-    assert torch.equal(model.generate(ids[:1], decoder="static", **kw), model.generate(ids[:1], decoder="eager", **kw))
+    # every row done early: generation stops at the step the last row chose eos, as the loop does (also when that
+    # is the first token, chosen from the prefill's logits)
+    for row_eos in (int(free[0, 1]), int(free[0, 0])):
+        kw = dict(pixel_values=px[:1], max_new_tokens=21, eos_token_id=row_eos)
+        static = model.generate(ids[:1], decoder="static", **kw)
+        assert torch.equal(static, model.generate(ids[:1], decoder="eager", **kw))
+    assert static.shape[1] == ids.shape[1] + 1
     # what needs the host loop takes it: logits returned, a repetition penalty
     calls.clear()
     model.generate(ids, decoder="static", pixel_values=px, max_new_tokens=4, repetition_penalty=1.2)

@@ -42,11 +42,10 @@ from transformers.generation import (
 from transformers.generation.utils import GenerateDecoderOnlyOutput
 from transformers.utils import logging
 
-from .graph_decode_omnimamba import DECODE_CHUNK, FusedChoice, OmniMambaGraphDecoder
+from .graph_decode_omnimamba import FusedChoice, OmniMambaGraphDecoder
 from .graph_prefill_omnimamba import OmniMambaGraphPrefill, OmniMambaGraphVision
 from .mixer_omnimamba import ssm_state_dtype
 from .triton_choice_omnimamba import fused_choice_supported
-from .triton_decode_omnimamba import fused_decode_available
 
 # model.__dict__ entries that hold captured graphs and static buffers: dropped by reset_graph_decoders() and never
 # pickled / deep-copied with the model.
@@ -103,22 +102,13 @@ USE_FUSED_CHOICE = True
 
 
 def _in_graph_choice(generation_config, processors, decoder: OmniMambaGraphDecoder, guidance_scale=None):
-    """`(choose, key)` for `decoder.decode` — the host loop's choice of the next token as one capturable function
-    (guidance mix, warpers, argmax or multinomial) and a hashable name for it, or a `FusedChoice` — or None when the
-    decode needs the host loop (scores or logits returned, a repetition penalty, user logits processors)."""
+    """`(choose, decode_choice, key)`: the host loop's choice of the next token as one capturable function (guidance
+    mix, warpers, argmax or multinomial; it also makes the choice from the prefill's logits), what `decoder.decode`
+    chooses with (that function, or a `FusedChoice`) and the hashable name `decode` needs for a function — or None
+    when the decode needs the host loop (scores or logits returned, a repetition penalty, user logits processors)."""
     g = generation_config
     if g.output_logits or g.output_scores or not all(type(p) in _IN_GRAPH_WARPERS for p in processors):
         return None
-    device, width = decoder.logits.device, decoder.logits.shape[1]
-    top_k = int(g.top_k or 0) if g.do_sample else 0  # as `_logits_processors` builds the warpers
-    if (
-        USE_FUSED_CHOICE and guidance_scale is None and device.type == "cuda" and fused_decode_available("cuda")
-        and not any(isinstance(p, TopPLogitsWarper) for p in processors)
-        and fused_choice_supported(width, g.do_sample, top_k)
-    ):  # fmt: skip
-        temperature = float(g.temperature) if g.do_sample and g.temperature is not None else 1.0
-        return FusedChoice(bool(g.do_sample), temperature, top_k), None
-    key = ("sample", g.temperature, g.top_k, g.top_p) if g.do_sample else ("argmax",)
 
     def choose(logits):
         if guidance_scale is not None:
@@ -126,15 +116,16 @@ def _in_graph_choice(generation_config, processors, decoder: OmniMambaGraphDecod
             logits = unc + guidance_scale * (cond - unc)
         return _choose_next(g, processors, None, logits)[0]  # the warpers ignore the tokens so far
 
-    return choose, key + (guidance_scale,)
-
-
-def _first_choice(choose, generation_config, processors, logits):
-    """The choice from the prefill's logits, before `decode()` takes over (PyTorch ops for a `FusedChoice` too,
-    which never comes with guidance)."""
-    if isinstance(choose, FusedChoice):
-        return _choose_next(generation_config, processors, None, logits)[0]
-    return choose(logits)
+    top_k = int(g.top_k or 0) if g.do_sample else 0  # as `_logits_processors` builds the warpers
+    if (
+        USE_FUSED_CHOICE and guidance_scale is None and decoder.logits.device.type == "cuda"
+        and not any(isinstance(p, TopPLogitsWarper) for p in processors)
+        and fused_choice_supported(decoder.logits.shape[1], g.do_sample, top_k)
+    ):  # fmt: skip
+        temperature = float(g.temperature) if g.do_sample and g.temperature is not None else 1.0
+        return choose, FusedChoice(bool(g.do_sample), temperature, top_k), None
+    key = ("sample", g.temperature, g.top_k, g.top_p) if g.do_sample else ("argmax",)
+    return choose, choose, key + (guidance_scale,)
 
 
 def _choose_next(generation_config, processors, input_ids, logits):
@@ -311,16 +302,10 @@ class OmniMambaGenerationMixin(GenerationMixin):
             generation_config, processors, static
         )
         if in_graph is not None:  # the default (greedy) and plain sampling: every choice made inside the graph
-            choose, key = in_graph
-            token = _first_choice(choose, generation_config, processors, logits)
-            unfinished = ~torch.isin(token, torch.tensor(eos, device=token.device, dtype=token.dtype))
-            sequences = torch.cat([sequences, token[:, None]], dim=-1)
-            if bool(unfinished.any()):
-                rest = static.decode(
-                    token, next_position, max_new - 1, choose, key, eos=eos, pad=pad, unfinished=unfinished
-                )
-                sequences = torch.cat([sequences, rest], dim=-1)
-            check_every = DECODE_CHUNK  # the columns after every row has finished are trimmed below
+            choose, decode_choice, key = in_graph
+            token = choose(logits)
+            rest = static.decode(token, next_position, max_new - 1, decode_choice, key, eos=eos, pad=pad)
+            sequences = torch.cat([sequences, token[:, None], rest], dim=-1)
         else:
             for k in range(max_new):
                 token, next_scores = _choose_next(generation_config, processors, sequences, logits)
@@ -337,7 +322,7 @@ class OmniMambaGenerationMixin(GenerationMixin):
                 if k + 1 == max_new or ((k + 1) % check_every == 0 and not bool(unfinished.any())):
                     break
                 logits = static.step(token, next_position + k)
-        if eos and check_every > 1:  # trim the steps taken after every row had finished
+        if eos and (check_every > 1 or in_graph is not None):  # trim the steps taken after every row had finished
             finished_at = (sequences[:, prompt_length:][..., None] == torch.tensor(eos, device=sequences.device)).any(-1)
             done = finished_at.long().cumsum(-1).clamp(max=1).min(0).values  # 1 from the step all rows are done
             if bool(done.any()):
@@ -442,10 +427,10 @@ class OmniMambaGenerationMixin(GenerationMixin):
             generation_config, processors, step.static, guidance_scale if cfg else None
         )
         if in_graph is not None:  # the default (greedy) and plain sampling: every choice made inside the graph
-            choose, key = in_graph
-            codes[:, 0] = _first_choice(choose, generation_config, processors, logits)
+            choose, decode_choice, key = in_graph
+            codes[:, 0] = choose(logits)
             vocab = config.text_vocab_size
-            codes[:, 1:] = step.static.decode(codes[:, 0], prompt_length, n_tokens - 1, choose, key, offset=vocab)
+            codes[:, 1:] = step.static.decode(codes[:, 0], prompt_length, n_tokens - 1, decode_choice, key, offset=vocab)
         else:
             for k in range(n_tokens):
                 if cfg:

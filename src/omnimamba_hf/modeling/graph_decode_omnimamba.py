@@ -411,7 +411,7 @@ class OmniMambaGraphDecoder:
     @torch.no_grad()
     def decode(
         self, first: torch.Tensor, positions: torch.Tensor | int, steps: int, choose=None, key="argmax",
-        offset: int = 0, eos=(), pad: int = 0, unfinished: torch.Tensor | None = None,
+        offset: int = 0, eos=(), pad: int = 0,
     ) -> torch.Tensor:
         """Decode `steps` tokens with every choice made inside the graph, so that the host only replays graphs
         (`DECODE_CHUNK` steps per replay). `first` [R]: the choice before the first step (head indices), fed as
@@ -419,9 +419,9 @@ class OmniMambaGraphDecoder:
         the same choices). Each step: `choose(logits) -> [R]` (default argmax; it must be capturable: no host
         syncs, and `key`, hashable, must name it: one graph per key) — or a `FusedChoice`, which makes the choice and
         everything after it in one Triton launch —, `pad` for a row that has finished (one that
-        chose an id in `eos`, or is False in `unfinished`), fed back at the next position. Returns the choices [R, n]:
-        n = `steps`, or fewer once every row has finished (checked after each replay when `eos` is given; the
-        columns after that would all be `pad`). Same tokens as `step()` + the choice on the host, without the
+        chose an id in `eos`, `first` included), fed back at the next position. Returns the choices [R, n]:
+        n = `steps`, or fewer once every row has finished (checked before the first step and after each replay when
+        `eos` is given; the columns after that would all be `pad`). Same tokens as `step()` + the choice on the host, without the
         per-token host round trip and its small kernels (docs/BENCHMARKS.md)."""
         rows = self._tokens.shape[1]  # the position table's
         last = (positions if isinstance(positions, int) else int(positions.max())) + steps - 1
@@ -439,10 +439,11 @@ class OmniMambaGraphDecoder:
         self.ids.copy_(first.repeat(self.batch_size // r) + offset)
         self._set_positions(positions)
         self._k.zero_()
-        if unfinished is None:
-            self._unfinished.fill_(True)
-        else:
-            self._unfinished[:r].copy_(unfinished)
+        self._unfinished.fill_(True)
+        if eos:
+            self._unfinished[:r] = (first[:, None] != self._eos[eos]).all(-1)
+            if not bool(self._unfinished[:r].any()):  # every row chose eos first
+                steps = 0
         choose = choose or _argmax
         key = choose if isinstance(choose, FusedChoice) else key
         done = 0
