@@ -66,11 +66,12 @@ def main() -> None:
         ("head", d, dict(ACCUMULATE=False, OUT_DTYPE=tl.float32, BC=0, D_INNER=0, KW=1)),
         ("out_proj", d_inner, dict(ACCUMULATE=True, OUT_DTYPE=tl.bfloat16, BC=2 * n, D_INNER=d_inner, KW=4)),
     ):
-        launch = fused.LAUNCH[name]
         for rows in (1, 2, 3):
+            launch = fused._for_rows(fused.LAUNCH[name], rows)
             types = dict(gemv_types, out_ptr="*fp32" if name == "out_proj" else "*bf16")
+            stages = launch.get("stages", 1) if rows == 1 and launch["block_k"] < k else 1  # as _launch_norm_gemv
             consts = dict(K=k, BLOCK_N=launch["block_n"], BLOCK_K=launch["block_k"], ROWS=rows,
-                          ROWS_P2=triton.next_power_of_2(rows), PDL=True, **extra)  # fmt: skip
+                          ROWS_P2=triton.next_power_of_2(rows), PDL=True, STAGES=stages, **extra)  # fmt: skip
             regs, spill = ptxas_report(fused._norm_gemv_kernel, types, consts, launch["num_warps"], args.arch)
             print(f"_norm_gemv_kernel {name:8s} {launch} batch {rows}: {regs} registers, {spill} B spilled")
     for name, k, extra in (

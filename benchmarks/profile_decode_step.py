@@ -260,26 +260,61 @@ def step_sweep(model, batch=1):
     """Launch configurations tuned inside the whole step rather than per GEMV: each kernel's weight prefetch before
     its PDL wait overlaps the previous kernel, which a standalone sweep (--sweep) does not see. Varies one kernel's
     configuration at a time from the current LAUNCH, times the T2I step (graph replay), keeps the fastest."""
+    # (block_n, block_k, warps, stages): stages > 1 pipelines the weight tiles after the first through shared memory
+    # (cp.async, `_norm_gemv_kernel` STAGES); the first (earlier) sweep had stages 1 only (session 7, step_sweep.log)
     candidates = {
-        "out_proj": [(8, 1024, 8), (4, 1024, 4), (4, 2048, 8), (2, 4096, 8), (2, 2048, 4), (1, 4096, 4), (16, 512, 8),
-                     (8, 512, 4), (4, 4096, 8)],
-        "in_proj": [(4, 2048, 8), (2, 2048, 4), (8, 1024, 8), (8, 2048, 8), (4, 1024, 4), (2, 2048, 8)],
-        "head": [(2, 2048, 4), (4, 2048, 8), (4, 1024, 4), (1, 2048, 4)],
+        "out_proj": [(8, 1024, 8, 1), (8, 1024, 8, 2), (8, 1024, 8, 3), (8, 1024, 8, 4), (8, 512, 8, 4), (8, 512, 8, 6),
+                     (4, 1024, 4, 4), (16, 512, 8, 3), (8, 512, 4, 6), (4, 512, 4, 6)],
+        "in_proj": [(4, 2048, 8, 1), (4, 1024, 8, 2), (4, 512, 8, 4), (8, 512, 8, 4), (8, 1024, 8, 2), (4, 512, 4, 4),
+                    (2, 1024, 4, 2)],
+        "head": [(2, 2048, 4, 1), (2, 512, 4, 4), (4, 512, 8, 4), (2, 1024, 4, 2)],
     }
     for name, configs in candidates.items():
         timed = []
-        for bn, bk, w in configs:
-            fused.LAUNCH[name] = dict(block_n=bn, block_k=bk, num_warps=w)
+        for bn, bk, w, st in configs:
+            fused.LAUNCH[name] = dict(block_n=bn, block_k=bk, num_warps=w, stages=st)
             try:
-                timed.append((fresh_t2i_step_ms(model, batch, "fused")[0], bn, bk, w))
+                timed.append((fresh_t2i_step_ms(model, batch, "fused")[0], bn, bk, w, st))
             except Exception as exc:  # noqa: BLE001 (e.g. out of resources)
-                print(f"step sweep {name} {(bn, bk, w)}: {type(exc).__name__}: {str(exc)[:200]}")
+                print(f"step sweep {name} {(bn, bk, w, st)}: {type(exc).__name__}: {str(exc)[:200]}")
                 continue
-            print(f"step sweep, batch {batch}, {name} block_n {bn} block_k {bk} warps {w}: {timed[-1][0]:.4f} ms/step")
+            print(f"step sweep, batch {batch}, {name} block_n {bn} block_k {bk} warps {w} stages {st}: "
+                  f"{timed[-1][0]:.4f} ms/step")  # fmt: skip
         best = min(timed)
-        fused.LAUNCH[name] = dict(block_n=best[1], block_k=best[2], num_warps=best[3])
+        fused.LAUNCH[name] = dict(block_n=best[1], block_k=best[2], num_warps=best[3], stages=best[4])
         print(f"step sweep: best {name} {fused.LAUNCH[name]} at {best[0]:.4f} ms/step")
-    block_p_sweep(model, [batch], values=((16, 4), (32, 4), (64, 4)))
+
+
+def interleaved_sweep(model, batches=(1,), rounds=4):
+    """T2I and MMU steps (graph replay, fresh decoders) for a few GEMV launch configurations against the current
+    LAUNCH, interleaved over `rounds` passes so that drift between decoders shows; prints each pass and the median per
+    configuration. Restores LAUNCH. Edit `variants` for the question at hand."""
+    saved = dict(fused.LAUNCH)
+    g = lambda bn, bk, w, st: dict(block_n=bn, block_k=bk, num_warps=w, stages=st)  # noqa: E731
+    # ninth session, third pass: the in_proj configuration it chose against the one before (batch 2-3 run the row
+    # loop with register double buffering; `stages` applies at batch 1 only). Passes 1 and 2 (interleaved_sweep_1/2.log)
+    # compared 2-8 rows x 512-2048 columns, 2-8 warps, 1-4 stages for in_proj, out_proj and the head at batch 1.
+    variants = {"current": {}, "in_proj 4x2048/8w (before)": {"in_proj": g(4, 2048, 8, 1)}}
+    V = model.config.text_vocab_size
+    for batch in batches:
+        times = {name: {"t2i": [], "mmu": []} for name in variants}
+        for r in range(rounds):
+            for name, change in variants.items():
+                fused.LAUNCH.update(saved)
+                fused.LAUNCH.update(change)
+                for task in ("t2i", "mmu"):
+                    model.reset_graph_decoders()
+                    dec = model.graph_decoder(task, batch, backend="fused")
+                    tok = torch.full((batch,), V + 1 if task == "t2i" else 100, device="cuda")
+                    times[name][task].append(min(event_ms(lambda: dec.step(tok, 80)) for _ in range(3)))
+                print(f"batch {batch}, round {r}, {name}: T2I {times[name]['t2i'][-1]:.4f} ms/step, "
+                      f"MMU {times[name]['mmu'][-1]:.4f}")  # fmt: skip
+        for name, t in times.items():
+            med = {task: sorted(v)[len(v) // 2] for task, v in t.items()}
+            print(f"batch {batch}, median of {rounds}, {name}: T2I {med['t2i']:.4f} ms/step, MMU {med['mmu']:.4f}")
+    fused.LAUNCH.clear()
+    fused.LAUNCH.update(saved)
+    model.reset_graph_decoders()
 
 
 def tensor_core_step_sweep(model, batches=(4, 16)):
@@ -349,6 +384,7 @@ def main():
     parser.add_argument("--tensor-core-step-sweep", default="", help="e.g. 4,16: tensor-core configs inside steps")
     parser.add_argument("--block-p-sweep", default="", help="e.g. 16,64: conv + SSM rows per program, per batch")
     parser.add_argument("--step-sweep", action="store_true", help="tune launch configurations inside the whole step")
+    parser.add_argument("--interleaved-sweep", default="", help="e.g. 1,2,3: a few GEMV configs vs LAUNCH, A/B, per batch")
     parser.add_argument("--timeline", type=int, default=0, help="batch size: per-role critical-path times of the fused step")
     parser.add_argument("--profile-batch", type=int, default=1, help="batch size of the kernel-level profile")
     parser.add_argument("--ssm-state-dtype", default="float32", choices=["float32", "model"],
@@ -375,6 +411,9 @@ def main():
         return
     if args.block_p_sweep:
         block_p_sweep(model, [int(b) for b in args.block_p_sweep.split(",")])
+        return
+    if args.interleaved_sweep:
+        interleaved_sweep(model, [int(b) for b in args.interleaved_sweep.split(",")])
         return
     if args.step_sweep:
         step_sweep(model)

@@ -14,8 +14,9 @@ pytest.importorskip("triton")
 
 def test_fused_step_equals_torch_step_in_triton_interpreter():
     results = run_in_triton_interpreter(__file__)
-    # tasks x batch sizes x steps, + bf16 state, + heads split over programs, + after retraining an adapter
-    assert len(results) == 2 * 3 * 4 + 4 + 2 * 2 + 1
+    # tasks x batch sizes x steps, + bf16 state, + heads split over programs, + pipelined tiles, + after retraining
+    # an adapter
+    assert len(results) == 2 * 3 * 4 + 4 + 2 * 2 + 2 * 2 + 1
     for r in results:
         tolerance = 2e-2 if r["task"] == "t2i-bf16-state" else 1e-5  # bf16 rounding, truncated in the interpreter
         assert r["logits"] < tolerance and r["conv"] < tolerance and r["ssm"] < tolerance, r
@@ -37,6 +38,12 @@ def main():
     cpu = torch.device("cpu")
     assert triton_decode_omnimamba.launch_configs(5, torch.float32, cpu)["in_proj"]["tensor_cores"]
     assert "tensor_cores" not in triton_decode_omnimamba.launch_configs(3, torch.float32, cpu)["in_proj"]
+    # in_proj's `one_row` settings apply at batch 1 only, and never reach the kernel as an argument
+    one_row = triton_decode_omnimamba.LAUNCH["in_proj"]["one_row"]
+    assert triton_decode_omnimamba.launch_configs(1, torch.float32, cpu)["in_proj"] == {
+        **{k: v for k, v in triton_decode_omnimamba.LAUNCH["in_proj"].items() if k != "one_row"}, **one_row
+    }
+    assert all("one_row" not in triton_decode_omnimamba.launch_configs(b, torch.float32, cpu)["in_proj"] for b in (1, 2, 3))
 
     def rel(a, b):
         return ((a.double() - b.double()).norm() / b.double().norm()).item()
@@ -101,6 +108,22 @@ def main():
                                 conv=rel(fused.conv, ref.conv), ssm=rel(fused.ssm, ref.ssm),
                                 moved=rel(ref.ssm, start) if step else 1.0))  # fmt: skip
     triton_decode_omnimamba.LAUNCH["ssm_block_p"] = whole_head
+
+    # batch 1 with `stages` > 1: a GEMV's first weight tile from registers, the rest in a pipelined loop (here with
+    # tiles narrower than K, so that the loop runs: in_proj K = 32, out_proj K = 64)
+    launch = {k: triton_decode_omnimamba.LAUNCH[k] for k in ("in_proj", "out_proj", "head")}
+    for name in launch:
+        triton_decode_omnimamba.LAUNCH[name] = dict(block_n=4, block_k=8, num_warps=4, stages=3)
+    for task in ("t2i", "mmu"):
+        ref, fused = prefilled_decoders(task, torch.randint(0, 200, (1, 6), generator=torch.Generator().manual_seed(3)))
+        start = ref.ssm.clone()
+        for step in range(2):
+            ids = torch.tensor([(V if task == "t2i" else 100) + 7 * step + 2])
+            a, b = ref.step(ids, 6 + step).clone(), fused.step(ids, 6 + step).clone()
+            results.append(dict(task=f"{task}-pipelined-tiles", batch=1, step=step, logits=rel(b, a),
+                                conv=rel(fused.conv, ref.conv), ssm=rel(fused.ssm, ref.ssm),
+                                moved=rel(ref.ssm, start) if step else 1.0))  # fmt: skip
+    triton_decode_omnimamba.LAUNCH.update(launch)
 
     # weights changed after the fused buffers were built, through `.data` (no `_version` bump): the fused step follows
     for layer in model.model.language_model.layers:

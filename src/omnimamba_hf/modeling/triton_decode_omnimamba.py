@@ -65,6 +65,7 @@ if triton is not None:
         stride_x, stride_w, stride_out, stride_conv, stride_bc,
         K: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, ROWS: tl.constexpr, ROWS_P2: tl.constexpr,
         PDL: tl.constexpr, ACCUMULATE: tl.constexpr, OUT_DTYPE: tl.constexpr, BC: tl.constexpr, D_INNER: tl.constexpr, KW: tl.constexpr,
+        STAGES: tl.constexpr = 1,
     ):  # fmt: skip
         """y[b, n] = rstd(x[b]) · Σ_k W[n, k] · x[b, k] · norm_w[k]  (== W @ (rmsnorm(x[b]) · norm_w)) for the
         ROWS batch rows, each weight tile read once for all of them; stored in `out` — or, with ACCUMULATE, rounded
@@ -81,7 +82,22 @@ if triton is not None:
         if PDL:
             gdc_launch_dependents()
             gdc_wait()  # x is written by the previous kernel
-        if ROWS == 1:  # the accumulator stays [BLOCK_N, BLOCK_K] and is reduced once, after the loop
+        if (ROWS == 1) & (STAGES > 1):  # the first tile from registers, the rest pipelined through shared memory
+            # (tl.range's num_stages: STAGES - 1 tiles in flight as cp.async copies, which cost no registers)
+            xk = tl.load(x_ptr + cols, mask=cols < K, other=0.0).to(tl.float32)
+            nw = tl.load(norm_w_ptr + cols, mask=cols < K, other=0.0).to(tl.float32)
+            sumsq = xk * xk
+            acc = w.to(tl.float32) * (xk * nw)[None, :]
+            for k0 in tl.range(BLOCK_K, K, BLOCK_K, num_stages=STAGES):
+                k = k0 + cols
+                k_ok = k < K
+                w = tl.load(w_ptrs + k0, mask=row_ok[:, None] & k_ok[None, :], other=0.0)
+                xk = tl.load(x_ptr + k, mask=k_ok, other=0.0).to(tl.float32)
+                nw = tl.load(norm_w_ptr + k, mask=k_ok, other=0.0).to(tl.float32)
+                sumsq += xk * xk
+                acc += w.to(tl.float32) * (xk * nw)[None, :]
+            y = (tl.sum(acc, axis=1) * (1.0 / tl.sqrt(tl.sum(sumsq, axis=0) / K + eps)))[None, :]
+        elif ROWS == 1:  # the accumulator stays [BLOCK_N, BLOCK_K] and is reduced once, after the loop
             acc = tl.zeros([BLOCK_N, BLOCK_K], dtype=tl.float32)
             sumsq = tl.zeros([BLOCK_K], dtype=tl.float32)
             for k0 in range(0, K, BLOCK_K):
@@ -340,7 +356,12 @@ _TL_DTYPES = {torch.float32: "float32", torch.bfloat16: "bfloat16", torch.float1
 # times are per GEMV inside a CUDA graph over > L2-sized weight copies).
 LAUNCH = {
     # in_proj (+ adapter down), 8528 x 2048: whole rows per program, so every weight load is issued before the wait
-    "in_proj": dict(block_n=4, block_k=2048, num_warps=8),  # 12.8 µs, 2.72 TB/s (90% of copy)
+    # (12.8 µs alone, 2.72 TB/s = 90% of copy). `one_row`: what batch 1 uses instead — half rows, 4 warps, the first
+    # half loaded before the wait, the second through shared memory (`stages`: cp.async, no registers held). Inside
+    # whole steps (bf16 state, medians of 4 interleaved passes, docs/benchmarks/2026-11-25-h100-session9/
+    # interleaved_sweep_*.log): T2I 1.185 -> 1.125 ms per step, MMU 1.235 -> 1.168; at batches 2 and 3 it loses
+    # (T2I 1.53 -> 1.71, 1.94 -> 2.17 ms), so they keep whole rows
+    "in_proj": dict(block_n=4, block_k=2048, num_warps=8, one_row=dict(block_k=1024, num_warps=4, stages=2)),
     "head": dict(block_n=2, block_k=2048, num_warps=4),  # 16384 (or 50288) x 2048: 23.1 µs, 2.90 TB/s (96%)
     "out_proj": dict(block_n=8, block_k=1024, num_warps=8),  # 2048 x 4096: 7.0 µs, 2.41 TB/s (80%)
     # head_dim rows per program of the conv + SSM kernel: a whole head (the 1.3B's 64). Each program also recomputes
@@ -387,22 +408,30 @@ def launch_configs(batch: int, dtype: torch.dtype, device: torch.device) -> dict
     TENSOR_CORE_MIN_BATCH rows in bfloat16 where the device has them, the CUDA-core GEMVs otherwise."""
     if batch >= TENSOR_CORE_MIN_BATCH and dtype in TENSOR_CORE_DTYPES and tensor_cores_available(device):
         return {**LAUNCH, **{k: dict(v, tensor_cores=True) for k, v in LAUNCH_TENSOR_CORES.items()}}
-    return LAUNCH
+    return {k: _for_rows(v, batch) for k, v in LAUNCH.items()}
+
+
+def _for_rows(config, batch: int):
+    """A LAUNCH entry for `batch` rows: its `one_row` settings replace the others at batch 1."""
+    if not isinstance(config, dict) or "one_row" not in config:
+        return config
+    base = {k: v for k, v in config.items() if k != "one_row"}
+    return {**base, **config["one_row"]} if batch == 1 else base
 
 
 def rmsnorm_gemv(residual, norm_weight, weight, out, eps, block_n=16, block_k=256, num_warps=4,
-                 tensor_cores=False, num_stages=3, split_k=1, workspace=None) -> torch.Tensor:  # fmt: skip
+                 tensor_cores=False, num_stages=3, split_k=1, workspace=None, stages=1) -> torch.Tensor:  # fmt: skip
     """out[b] = weight @ rmsnorm(residual[b]) · norm_weight (float32 accumulation, written in out's dtype)."""
     _launch_norm_gemv(
         residual, norm_weight, weight, out, residual, residual, eps, 0, 0, ACCUMULATE=False, OUT_DTYPE=tl.float32,
         BC=0, D_INNER=0, KW=1, block_n=block_n, block_k=block_k, num_warps=num_warps, tensor_cores=tensor_cores,
-        num_stages=num_stages, split_k=split_k, workspace=workspace,
+        num_stages=num_stages, split_k=split_k, workspace=workspace, stages=stages,
     )  # fmt: skip
     return out
 
 
 def _launch_norm_gemv(x, norm_weight, weight, out, conv_state, bc_new, eps, stride_conv, stride_bc, *, block_n,
-                      block_k, num_warps, tensor_cores, num_stages, split_k, workspace, sumsq_parts=None,
+                      block_k, num_warps, tensor_cores, num_stages, split_k, workspace, sumsq_parts=None, stages=1,
                       **constants):  # fmt: skip
     batch, k = x.shape
     n = weight.shape[0]
@@ -432,7 +461,8 @@ def _launch_norm_gemv(x, norm_weight, weight, out, conv_state, bc_new, eps, stri
     else:
         _norm_gemv_kernel[(triton.cdiv(n, block_n),)](
             x, norm_weight, weight, out, conv_state, bc_new, n, eps, *args, K=k, BLOCK_N=block_n, BLOCK_K=block_k,
-            ROWS=batch, ROWS_P2=triton.next_power_of_2(batch), **constants, **_pdl(out.device), num_warps=num_warps,
+            ROWS=batch, ROWS_P2=triton.next_power_of_2(batch), STAGES=stages if batch == 1 and block_k < k else 1,
+            **constants, **_pdl(out.device), num_warps=num_warps,
         )  # fmt: skip
 
 
@@ -496,7 +526,7 @@ def conv_ssm_step(proj, up_weight, scaling, adapter_offset, conv_state, conv_wei
 
 def gated_norm_gemv(gated, norm_weight, weight, residual, conv_state, bc_new, eps, *, d_inner, out_dtype,
                     block_n=8, block_k=512, num_warps=4, tensor_cores=False, num_stages=3, split_k=1,
-                    workspace=None, gated_sumsq=None):  # fmt: skip
+                    workspace=None, gated_sumsq=None, stages=1):  # fmt: skip
     """residual[b] += weight @ gated_rmsnorm(gated[b]) (rounded to out_dtype first); finishes the conv-state shift.
     `gated_sumsq`: the partial sums of squares `conv_ssm_step` wrote (the tensor-core path then reads no full rows
     for rstd)."""
@@ -504,7 +534,7 @@ def gated_norm_gemv(gated, norm_weight, weight, residual, conv_state, bc_new, ep
         gated, norm_weight, weight, residual, conv_state, bc_new, eps, conv_state.stride(0), bc_new.stride(0),
         ACCUMULATE=True, OUT_DTYPE=getattr(tl, _TL_DTYPES[out_dtype]), BC=bc_new.shape[1], D_INNER=d_inner,
         KW=conv_state.shape[-1], block_n=block_n, block_k=block_k, num_warps=num_warps, tensor_cores=tensor_cores,
-        num_stages=num_stages, split_k=split_k, workspace=workspace, sumsq_parts=gated_sumsq,
+        num_stages=num_stages, split_k=split_k, workspace=workspace, sumsq_parts=gated_sumsq, stages=stages,
     )  # fmt: skip
 
 
