@@ -259,14 +259,15 @@ def fresh_t2i_step_ms(model, batch, backend="auto") -> tuple[float, str]:
 def step_sweep(model, batch=1):
     """Launch configurations tuned inside the whole step rather than per GEMV: each kernel's weight prefetch before
     its PDL wait overlaps the previous kernel, which a standalone sweep (--sweep) does not see. Varies one kernel's
-    configuration at a time from the current LAUNCH, times the T2I step (graph replay), keeps the fastest."""
+    configuration at a time from the current LAUNCH, times the T2I step (graph replay), keeps the fastest (as a plain
+    entry, for every batch size: rerun --interleaved-sweep 1,2,3 before making a batch-1 winner the default)."""
     # (block_n, block_k, warps, stages): stages > 1 pipelines the weight tiles after the first through shared memory
     # (cp.async, `_norm_gemv_kernel` STAGES); the first (earlier) sweep had stages 1 only (session 7, step_sweep.log)
     candidates = {
         "out_proj": [(8, 1024, 8, 1), (8, 1024, 8, 2), (8, 1024, 8, 3), (8, 1024, 8, 4), (8, 512, 8, 4), (8, 512, 8, 6),
                      (4, 1024, 4, 4), (16, 512, 8, 3), (8, 512, 4, 6), (4, 512, 4, 6)],
-        "in_proj": [(4, 2048, 8, 1), (4, 1024, 8, 2), (4, 512, 8, 4), (8, 512, 8, 4), (8, 1024, 8, 2), (4, 512, 4, 4),
-                    (2, 1024, 4, 2)],
+        "in_proj": [(4, 1024, 4, 2), (4, 2048, 8, 1), (4, 1024, 8, 2), (4, 512, 8, 4), (8, 512, 8, 4), (8, 1024, 8, 2),
+                    (4, 512, 4, 4), (2, 1024, 4, 2)],
         "head": [(2, 2048, 4, 1), (2, 512, 4, 4), (4, 512, 8, 4), (2, 1024, 4, 2)],
     }
     for name, configs in candidates.items():
@@ -283,6 +284,7 @@ def step_sweep(model, batch=1):
         best = min(timed)
         fused.LAUNCH[name] = dict(block_n=best[1], block_k=best[2], num_warps=best[3], stages=best[4])
         print(f"step sweep: best {name} {fused.LAUNCH[name]} at {best[0]:.4f} ms/step")
+    block_p_sweep(model, [batch], values=((16, 4), (32, 4), (64, 4)))
 
 
 def interleaved_sweep(model, batches=(1,), rounds=4):
