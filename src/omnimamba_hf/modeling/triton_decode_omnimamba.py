@@ -406,9 +406,10 @@ def _shared_memory_budget(device: torch.device) -> int:
 def launch_configs(batch: int, dtype: torch.dtype, device: torch.device) -> dict:
     """The launch configurations for one decode step of `batch` rows in `dtype`: tensor cores from
     TENSOR_CORE_MIN_BATCH rows in bfloat16 where the device has them, the CUDA-core GEMVs otherwise."""
+    configs = {k: _for_rows(v, batch) for k, v in LAUNCH.items()}
     if batch >= TENSOR_CORE_MIN_BATCH and dtype in TENSOR_CORE_DTYPES and tensor_cores_available(device):
-        return {**LAUNCH, **{k: dict(v, tensor_cores=True) for k, v in LAUNCH_TENSOR_CORES.items()}}
-    return {k: _for_rows(v, batch) for k, v in LAUNCH.items()}
+        configs.update({k: dict(v, tensor_cores=True) for k, v in LAUNCH_TENSOR_CORES.items()})
+    return configs
 
 
 def _for_rows(config, batch: int):
@@ -421,7 +422,9 @@ def _for_rows(config, batch: int):
 
 def rmsnorm_gemv(residual, norm_weight, weight, out, eps, block_n=16, block_k=256, num_warps=4,
                  tensor_cores=False, num_stages=3, split_k=1, workspace=None, stages=1) -> torch.Tensor:  # fmt: skip
-    """out[b] = weight @ rmsnorm(residual[b]) · norm_weight (float32 accumulation, written in out's dtype)."""
+    """out[b] = weight @ rmsnorm(residual[b]) · norm_weight (float32 accumulation, written in out's dtype).
+    `num_stages`: the tensor-core GEMM's pipeline depth; `stages`: the CUDA-core GEMV's at batch 1 (> 1: the weight
+    tiles after the first through shared memory; 1: register double buffering)."""
     _launch_norm_gemv(
         residual, norm_weight, weight, out, residual, residual, eps, 0, 0, ACCUMULATE=False, OUT_DTYPE=tl.float32,
         BC=0, D_INNER=0, KW=1, block_n=block_n, block_k=block_k, num_warps=num_warps, tensor_cores=tensor_cores,
