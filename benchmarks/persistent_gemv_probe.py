@@ -19,14 +19,22 @@ Ninth session, H100 (docs/benchmarks/2026-11-25-h100-session9/persistent_gemv_pr
 while torch.sum reads at 1.01x and cuBLAS' GEMV at 0.95x the copy bandwidth. So launch boundaries are not what keeps
 the GEMVs from the floor; how each program keeps its loads in flight is (the next in_proj setting came from that).
 
-    PYTHONPATH=src:benchmarks python benchmarks/persistent_gemv_probe.py
+Tenth session: `--launch-chain` times what a dependent launch costs with no work at all — 48 x 3 launches of a
+kernel that waits for the previous one and passes a 16 KB row on, with the grids of in_proj, conv + SSM and
+out_proj at batch 1 — and the 96-GEMV chain with the current LAUNCH (batch 1's `one_row` in_proj), skipping the
+persistent kernels.
+
+    PYTHONPATH=src:benchmarks python benchmarks/persistent_gemv_probe.py [--launch-chain]
 """
 
 from __future__ import annotations
 
+import argparse
+
 import torch
 import triton
 import triton.language as tl
+from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
 
 from omnimamba_hf.modeling import triton_decode_omnimamba as fused
 from profile_decode_step import event_ms
@@ -106,8 +114,55 @@ def _persistent_chain_kernel(
         tl.atomic_add(counter_ptr, 1, sem="release")
 
 
+def graph_ms(fn, iters: int) -> float:
+    """Best of three timings (ms) of `fn`'s launches replayed as one CUDA graph (run once eagerly first)."""
+    fn()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        fn()
+    return min(event_ms(graph.replay, iters) for _ in range(3))
+
+
+@triton.jit
+def _link_kernel(x_ptr, y_ptr, N: tl.constexpr, PDL: tl.constexpr):
+    """One link of a dependent chain with no work: every program reads the previous link's row, program 0 writes it
+    on (+1), so each launch depends on the one before, as a decode step's kernels do."""
+    if PDL:
+        gdc_launch_dependents()
+        gdc_wait()
+    offs = tl.arange(0, N)
+    v = tl.load(x_ptr + offs)
+    if tl.program_id(0) == 0:
+        tl.store(y_ptr + offs, v + 1.0)
+
+
+def launch_chain(layers: int = 48) -> None:
+    """48 x 3 empty dependent launches with batch 1's grids (in_proj 2132 programs of 4 warps, conv + SSM 64 of 4,
+    out_proj 256 of 8), in one CUDA graph, with and without PDL: the fixed cost per block of three launches."""
+    a, b = torch.zeros(4096, device="cuda"), torch.zeros(4096, device="cuda")
+    grids = ((2132, 4), (64, 4), (256, 8))
+    for pdl in (True, False):
+        extra = dict(launch_pdl=True) if pdl else {}
+
+        def chain():
+            x, y = a, b
+            for _ in range(layers):
+                for programs, warps in grids:
+                    _link_kernel[(programs,)](x, y, N=4096, PDL=pdl, num_warps=warps, **extra)
+                    x, y = y, x
+
+        ms = graph_ms(chain, 50)
+        print(f"empty dependent chain, PDL {pdl}: {layers} x 3 launches {ms * 1e3:.1f} us = {ms * 1e3 / layers:.2f} us "
+              f"per block, {ms * 1e3 / (3 * layers):.2f} us per launch")  # fmt: skip
+
+
 def main():
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--launch-chain", action="store_true", help="empty dependent launches + the 96 GEMVs only")
+    args = parser.parse_args()
     torch.manual_seed(0)
+    if args.launch_chain:
+        launch_chain()
     n = 1 << 30
     src, dst = torch.empty(n, dtype=torch.uint8, device="cuda"), torch.empty(n, dtype=torch.uint8, device="cuda")
     bw = 2 * n / (event_ms(lambda: dst.copy_(src), 20) / 1e3) / 1e9
@@ -144,13 +199,11 @@ def main():
             fused.rmsnorm_gemv(proj[:, :d_inner], ones_inner, weights[2 * i + 1], residual, 1e-5,
                                **launch["out_proj"])  # fmt: skip
 
-    launches()
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        launches()
-    ms = min(event_ms(graph.replay, 20) for _ in range(3))
+    ms = graph_ms(launches, 20)
     print(f"96 launches (LAUNCH configs, PDL {fused.use_pdl(residual.device)}): {ms:.3f} ms = {ms / floor_ms:.3f}x the "
           f"floor, {ms / (2 * layers) * 1e3:.2f} us per GEMV")  # fmt: skip
+    if args.launch_chain:
+        return
 
     table = torch.tensor([w.data_ptr() for w in weights], device="cuda", dtype=torch.int64)
     buf_in = torch.zeros(n_in, device="cuda")

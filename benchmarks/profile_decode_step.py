@@ -288,18 +288,27 @@ def step_sweep(model, batch=1):
 
 
 def interleaved_sweep(model, batches=(1,), rounds=4):
-    """T2I and MMU steps (graph replay, fresh decoders) for a few GEMV launch configurations against the current
+    """T2I and MMU steps (graph replay, fresh decoders) for a few LAUNCH configurations against the current
     LAUNCH, interleaved over `rounds` passes so that drift between decoders shows; prints each pass and the median per
-    configuration. Restores LAUNCH. Edit `variants` for the question at hand."""
+    configuration, and the T2I in-graph decode (greedy, one-launch choice) per token. Restores LAUNCH. Edit
+    `variants` for the question at hand."""
+    from omnimamba_hf.modeling.graph_decode_omnimamba import FusedChoice
+
     saved = dict(fused.LAUNCH)
-    g = lambda bn, bk, w, st: dict(block_n=bn, block_k=bk, num_warps=w, stages=st)  # noqa: E731
-    # ninth session, third pass: the in_proj configuration it chose against the one before (batch 2-3 run the row
-    # loop with register double buffering; `stages` applies at batch 1 only). Passes 1 and 2 (interleaved_sweep_1/2.log)
-    # compared 2-8 rows x 512-2048 columns, 2-8 warps, 1-4 stages for in_proj, out_proj and the head at batch 1.
-    variants = {"current": {}, "in_proj 4x2048/8w (before)": {"in_proj": g(4, 2048, 8, 1)}}
+    # A GEMV variant reads {"in_proj": dict(block_n=4, block_k=2048, num_warps=8, stages=1)}; a batch-1-only one goes
+    # in the entry's `one_row`. The ninth session compared 2-8 rows x 512-2048 columns, 2-8 warps, 1-4 stages for
+    # in_proj, out_proj and the head at batch 1 (its interleaved_sweep_*.log). The tenth timed Gluon GEMVs that copy
+    # whole weight slices into shared memory before the PDL wait, and the token choice launched with PDL (variants and
+    # kernel in docs/attempts/gluon_prefetch_gemv_and_choice_pdl.diff; interleaved_sweep_prefetch*.log): all slower or
+    # even. Its second question, below: rows per conv + SSM program at batch 1 (block_p 32 was 18 µs faster than 64
+    # at batch 1 in the seventh session's block_p_warps_sweep.log, but 64 won at 16 and 64 rows). Answer: 32 rows x 4
+    # warps 1.1227 vs 1.1253 ms per T2I step, noise-level (interleaved_sweep_ssm_block_p.log); 16 rows or 2 warps
+    # are slower.
+    variants = {"current": {}, **{f"ssm block_p {bp}, {w} warps": {"ssm_block_p": bp, "ssm_num_warps": w}
+                                  for bp, w in ((32, 4), (32, 2), (16, 4), (16, 2))}}  # fmt: skip
     V = model.config.text_vocab_size
     for batch in batches:
-        times = {name: {"t2i": [], "mmu": []} for name in variants}
+        times = {name: {"t2i": [], "mmu": [], "decode": []} for name in variants}
         for r in range(rounds):
             for name, change in variants.items():
                 fused.LAUNCH.update(saved)
@@ -309,11 +318,16 @@ def interleaved_sweep(model, batches=(1,), rounds=4):
                     dec = model.graph_decoder(task, batch, backend="fused")
                     tok = torch.full((batch,), V + 1 if task == "t2i" else 100, device="cuda")
                     times[name][task].append(min(event_ms(lambda: dec.step(tok, 80)) for _ in range(3)))
+                    if task == "t2i":  # 64 steps with the choice in the graph, per token
+                        first = torch.zeros(batch, dtype=torch.long, device="cuda")
+                        run = lambda: dec.decode(first, 80, 64, choose=FusedChoice(), offset=V)  # noqa: E731
+                        times[name]["decode"].append(min(event_ms(run, 5) for _ in range(3)) / 64)
                 print(f"batch {batch}, round {r}, {name}: T2I {times[name]['t2i'][-1]:.4f} ms/step, "
-                      f"MMU {times[name]['mmu'][-1]:.4f}")  # fmt: skip
+                      f"MMU {times[name]['mmu'][-1]:.4f}, T2I decode {times[name]['decode'][-1]:.4f} ms/token")  # fmt: skip
         for name, t in times.items():
             med = {task: sorted(v)[len(v) // 2] for task, v in t.items()}
-            print(f"batch {batch}, median of {rounds}, {name}: T2I {med['t2i']:.4f} ms/step, MMU {med['mmu']:.4f}")
+            print(f"batch {batch}, median of {rounds}, {name}: T2I {med['t2i']:.4f} ms/step, MMU {med['mmu']:.4f}, "
+                  f"T2I decode {med['decode']:.4f} ms/token")  # fmt: skip
     fused.LAUNCH.clear()
     fused.LAUNCH.update(saved)
     model.reset_graph_decoders()
