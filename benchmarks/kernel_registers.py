@@ -6,7 +6,8 @@ machine — no GPU needed: Triton compiles to PTX here and its bundled `ptxas` r
 Why: a decode-step GEMV streams weights, and how many loads it keeps in flight depends on how many programs fit on an
 SM, i.e. on registers per thread. A kernel change that looks harmless can triple the count (an attempt that ran the
 per-head SSM step inside the in_proj GEMV went from 57 to 170-255 registers and from 1.25 to 2.3 ms per step;
-docs/DEVELOPING.md). Check here before spending device time.
+docs/DEVELOPING.md). Check here before spending device time. For the conv + SSM kernel, whose time is latency,
+it also counts what runs after the PDL wait (barriers, shuffles; `after_wait`).
 """
 
 from __future__ import annotations
@@ -26,8 +27,10 @@ from triton.compiler import ASTSource
 from omnimamba_hf.modeling import triton_decode_omnimamba as fused
 
 
-def ptxas_report(kernel, types: dict, constexprs: dict, num_warps: int, arch: str) -> tuple[int, int]:
-    """(registers per thread, spill-store bytes) of `kernel` compiled with these argument types and constants."""
+def ptxas_report(kernel, types: dict, constexprs: dict, num_warps: int, arch: str, ptx_out: list | None = None
+                 ) -> tuple[int, int]:  # fmt: skip
+    """(registers per thread, spill-store bytes) of `kernel` compiled with these argument types and constants (its
+    PTX appended to `ptx_out` if given)."""
     names = list(inspect.signature(kernel.fn).parameters)
     signature = {n: types.get(n, "constexpr") for n in names}
     # As at a real launch, where Triton specialises pointers and integers divisible by 16: without that hint it cannot
@@ -39,6 +42,8 @@ def ptxas_report(kernel, types: dict, constexprs: dict, num_warps: int, arch: st
         target=GPUTarget("cuda", int(re.sub(r"\D", "", arch)), 32),
         options={"num_warps": num_warps},
     )
+    if ptx_out is not None:
+        ptx_out.append(compiled.asm["ptx"])
     ptxas = Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "ptxas"
     with tempfile.TemporaryDirectory() as tmp:
         src = Path(tmp) / "kernel.ptx"
@@ -49,6 +54,16 @@ def ptxas_report(kernel, types: dict, constexprs: dict, num_warps: int, arch: st
     regs = int(re.search(r"Used (\d+) registers", text).group(1))
     spill = re.search(r"(\d+) bytes spill stores", text)
     return regs, int(spill.group(1)) if spill else 0
+
+
+def after_wait(ptx: str) -> dict:
+    """Counts of what a kernel runs after its `griddepcontrol.wait`, i.e. on the step's critical path: block-wide
+    barriers (each `convert_layout` between register layouts goes through shared memory between two of them), warp
+    shuffles (reductions), shared and global loads / stores."""
+    tail = ptx[ptx.index("griddepcontrol.wait"):]
+    ops = {"bar.sync": r"\bbar\.sync", "shfl": r"\bshfl\.", "ld.shared": r"\bld\.shared", "st.shared": r"\bst\.shared",
+           "ld.global": r"\bld\.global", "st.global": r"\bst\.global"}  # fmt: skip
+    return {name: len(re.findall(pattern, tail)) for name, pattern in ops.items()}
 
 
 def main() -> None:
@@ -97,8 +112,12 @@ def main() -> None:
     }  # fmt: skip
     consts = dict(D_INNER=d_inner, HEADS=heads, GROUPS=1, P=p, BLOCK_P=fused.LAUNCH["ssm_block_p"], N=n, R=r, KW=4,
                   HAS_BIAS=True, HAS_LIMIT=False, PDL=True)  # fmt: skip
-    regs, spill = ptxas_report(fused._conv_ssm_step_kernel, ssm_types, consts, fused.LAUNCH["ssm_num_warps"], args.arch)
-    print(f"_conv_ssm_step_kernel block_p {consts['BLOCK_P']}: {regs} registers, {spill} B spilled")
+    for state in ("*fp32", "*bf16"):
+        ptx = []
+        regs, spill = ptxas_report(fused._conv_ssm_step_kernel, dict(ssm_types, ssm_ptr=state), consts,
+                                   fused.LAUNCH["ssm_num_warps"], args.arch, ptx)  # fmt: skip
+        print(f"_conv_ssm_step_kernel block_p {consts['BLOCK_P']}, state {state[1:]}: {regs} registers, {spill} B "
+              f"spilled; after the PDL wait: {after_wait(ptx[0])}")  # fmt: skip
 
 
 if __name__ == "__main__":
