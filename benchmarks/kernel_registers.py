@@ -27,10 +27,8 @@ from triton.compiler import ASTSource
 from omnimamba_hf.modeling import triton_decode_omnimamba as fused
 
 
-def ptxas_report(kernel, types: dict, constexprs: dict, num_warps: int, arch: str, ptx_out: list | None = None
-                 ) -> tuple[int, int]:  # fmt: skip
-    """(registers per thread, spill-store bytes) of `kernel` compiled with these argument types and constants (its
-    PTX appended to `ptx_out` if given)."""
+def compile_ptx(kernel, types: dict, constexprs: dict, num_warps: int, arch: str) -> str:
+    """The PTX of `kernel` compiled with these argument types and constants."""
     names = list(inspect.signature(kernel.fn).parameters)
     signature = {n: types.get(n, "constexpr") for n in names}
     # As at a real launch, where Triton specialises pointers and integers divisible by 16: without that hint it cannot
@@ -42,18 +40,26 @@ def ptxas_report(kernel, types: dict, constexprs: dict, num_warps: int, arch: st
         target=GPUTarget("cuda", int(re.sub(r"\D", "", arch)), 32),
         options={"num_warps": num_warps},
     )
-    if ptx_out is not None:
-        ptx_out.append(compiled.asm["ptx"])
+    return compiled.asm["ptx"]
+
+
+def ptxas_usage(ptx: str, arch: str) -> tuple[int, int]:
+    """(registers per thread, spill-store bytes) that the bundled `ptxas` reports for `ptx`."""
     ptxas = Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "ptxas"
     with tempfile.TemporaryDirectory() as tmp:
         src = Path(tmp) / "kernel.ptx"
-        src.write_text(compiled.asm["ptx"])
+        src.write_text(ptx)
         out = subprocess.run([str(ptxas), f"-arch={arch}", "-v", str(src), "-o", str(Path(tmp) / "k.cubin")],
                              capture_output=True, text=True, check=True)  # fmt: skip
     text = out.stderr + out.stdout
     regs = int(re.search(r"Used (\d+) registers", text).group(1))
     spill = re.search(r"(\d+) bytes spill stores", text)
     return regs, int(spill.group(1)) if spill else 0
+
+
+def ptxas_report(kernel, types: dict, constexprs: dict, num_warps: int, arch: str) -> tuple[int, int]:
+    """(registers per thread, spill-store bytes) of `kernel` compiled with these argument types and constants."""
+    return ptxas_usage(compile_ptx(kernel, types, constexprs, num_warps, arch), arch)
 
 
 def after_wait(ptx: str) -> dict:
@@ -84,7 +90,7 @@ def main() -> None:
         for rows in (1, 2, 3):
             launch = fused._for_rows(fused.LAUNCH[name], rows)
             types = dict(gemv_types, out_ptr="*fp32" if name == "out_proj" else "*bf16")
-            stages = launch.get("stages", 1) if rows == 1 and launch["block_k"] < k else 1  # as _launch_norm_gemv
+            stages = fused.gemv_stages(launch.get("stages", 1), rows, launch["block_k"], k)
             consts = dict(K=k, BLOCK_N=launch["block_n"], BLOCK_K=launch["block_k"], ROWS=rows,
                           ROWS_P2=triton.next_power_of_2(rows), PDL=True, STAGES=stages, **extra)  # fmt: skip
             regs, spill = ptxas_report(fused._norm_gemv_kernel, types, consts, launch["num_warps"], args.arch)
@@ -113,11 +119,11 @@ def main() -> None:
     consts = dict(D_INNER=d_inner, HEADS=heads, GROUPS=1, P=p, BLOCK_P=fused.LAUNCH["ssm_block_p"], N=n, R=r, KW=4,
                   HAS_BIAS=True, HAS_LIMIT=False, PDL=True)  # fmt: skip
     for state in ("*fp32", "*bf16"):
-        ptx = []
-        regs, spill = ptxas_report(fused._conv_ssm_step_kernel, dict(ssm_types, ssm_ptr=state), consts,
-                                   fused.LAUNCH["ssm_num_warps"], args.arch, ptx)  # fmt: skip
+        ptx = compile_ptx(fused._conv_ssm_step_kernel, dict(ssm_types, ssm_ptr=state), consts,
+                          fused.LAUNCH["ssm_num_warps"], args.arch)  # fmt: skip
+        regs, spill = ptxas_usage(ptx, args.arch)
         print(f"_conv_ssm_step_kernel block_p {consts['BLOCK_P']}, state {state[1:]}: {regs} registers, {spill} B "
-              f"spilled; after the PDL wait: {after_wait(ptx[0])}")  # fmt: skip
+              f"spilled; after the PDL wait: {after_wait(ptx)}")  # fmt: skip
 
 
 if __name__ == "__main__":

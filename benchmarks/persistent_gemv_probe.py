@@ -37,7 +37,7 @@ import triton.language as tl
 from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
 
 from omnimamba_hf.modeling import triton_decode_omnimamba as fused
-from profile_decode_step import event_ms
+from profile_decode_step import event_ms, graph_ms
 
 
 @triton.jit
@@ -114,15 +114,6 @@ def _persistent_chain_kernel(
         tl.atomic_add(counter_ptr, 1, sem="release")
 
 
-def graph_ms(fn, iters: int) -> float:
-    """Best of three timings (ms) of `fn`'s launches replayed as one CUDA graph (run once eagerly first)."""
-    fn()
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        fn()
-    return min(event_ms(graph.replay, iters) for _ in range(3))
-
-
 @triton.jit
 def _link_kernel(x_ptr, y_ptr, N: tl.constexpr, PDL: tl.constexpr):
     """One link of a dependent chain with no work: every program reads the previous link's row, program 0 writes it
@@ -151,7 +142,7 @@ def launch_chain(layers: int = 48) -> None:
                     _link_kernel[(programs,)](x, y, N=4096, PDL=pdl, num_warps=warps, **extra)
                     x, y = y, x
 
-        ms = graph_ms(chain, 50)
+        ms = graph_ms(chain, 50, best_of=3)
         print(f"empty dependent chain, PDL {pdl}: {layers} x 3 launches {ms * 1e3:.1f} us = {ms * 1e3 / layers:.2f} us "
               f"per block, {ms * 1e3 / (3 * layers):.2f} us per launch")  # fmt: skip
 
@@ -199,7 +190,7 @@ def main():
             fused.rmsnorm_gemv(proj[:, :d_inner], ones_inner, weights[2 * i + 1], residual, 1e-5,
                                **launch["out_proj"])  # fmt: skip
 
-    ms = graph_ms(launches, 20)
+    ms = graph_ms(launches, 20, best_of=3)
     print(f"96 launches (LAUNCH configs, PDL {fused.use_pdl(residual.device)}): {ms:.3f} ms = {ms / floor_ms:.3f}x the "
           f"floor, {ms / (2 * layers) * 1e3:.2f} us per GEMV")  # fmt: skip
     if args.launch_chain:

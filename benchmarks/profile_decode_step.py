@@ -31,16 +31,19 @@ def event_ms(fn, iters=100):
     return s.elapsed_time(e) / iters
 
 
+def graph_ms(fn, iters: int = 20, best_of: int = 1) -> float:
+    """ms per replay (the best of `best_of` timings of `iters` replays) of `fn`'s launches captured as one CUDA graph;
+    `fn` runs once eagerly first (compilation, allocations)."""
+    fn()
+    g = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(g):  # synchronises before capturing
+        fn()
+    return min(event_ms(g.replay, iters) for _ in range(best_of))
+
+
 def graph_us_per_call(calls) -> float:
     """Mean µs per call of a list of zero-argument launches, replayed as one CUDA graph."""
-    for c in calls:
-        c()
-    torch.cuda.synchronize()
-    g = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(g):
-        for c in calls:
-            c()
-    return event_ms(g.replay, iters=20) * 1e3 / len(calls)
+    return graph_ms(lambda: [c() for c in calls]) * 1e3 / len(calls)
 
 
 def copies_for(shape, dtype=torch.bfloat16, min_bytes=200 << 20):
@@ -400,7 +403,7 @@ def main():
     parser.add_argument("--tensor-core-step-sweep", default="", help="e.g. 4,16: tensor-core configs inside steps")
     parser.add_argument("--block-p-sweep", default="", help="e.g. 16,64: conv + SSM rows per program, per batch")
     parser.add_argument("--step-sweep", action="store_true", help="tune launch configurations inside the whole step")
-    parser.add_argument("--interleaved-sweep", default="", help="e.g. 1,2,3: a few GEMV configs vs LAUNCH, A/B, per batch")
+    parser.add_argument("--interleaved-sweep", default="", help="e.g. 1,2,3: a few LAUNCH configs vs the current, A/B, per batch")
     parser.add_argument("--timeline", type=int, default=0, help="batch size: per-role critical-path times of the fused step")
     parser.add_argument("--profile-batch", type=int, default=1, help="batch size of the kernel-level profile")
     parser.add_argument("--ssm-state-dtype", default="float32", choices=["float32", "model"],

@@ -433,6 +433,12 @@ def rmsnorm_gemv(residual, norm_weight, weight, out, eps, block_n=16, block_k=25
     return out
 
 
+def gemv_stages(stages: int, batch: int, block_k: int, k: int) -> int:
+    """The `_norm_gemv_kernel` STAGES a launch gets: `stages` at batch 1 when a row spans more than one tile (the
+    pipelined loop then has tiles to load), else 1 (register double buffering)."""
+    return stages if batch == 1 and block_k < k else 1
+
+
 def _launch_norm_gemv(x, norm_weight, weight, out, conv_state, bc_new, eps, stride_conv, stride_bc, *, block_n,
                       block_k, num_warps, tensor_cores, num_stages, split_k, workspace, sumsq_parts=None, stages=1,
                       **constants):  # fmt: skip
@@ -464,7 +470,7 @@ def _launch_norm_gemv(x, norm_weight, weight, out, conv_state, bc_new, eps, stri
     else:
         _norm_gemv_kernel[(triton.cdiv(n, block_n),)](
             x, norm_weight, weight, out, conv_state, bc_new, n, eps, *args, K=k, BLOCK_N=block_n, BLOCK_K=block_k,
-            ROWS=batch, ROWS_P2=triton.next_power_of_2(batch), STAGES=stages if batch == 1 and block_k < k else 1,
+            ROWS=batch, ROWS_P2=triton.next_power_of_2(batch), STAGES=gemv_stages(stages, batch, block_k, k),
             **constants, **_pdl(out.device), num_warps=num_warps,
         )  # fmt: skip
 
