@@ -7,7 +7,9 @@ Why: a decode-step GEMV streams weights, and how many loads it keeps in flight d
 SM, i.e. on registers per thread. A kernel change that looks harmless can triple the count (an attempt that ran the
 per-head SSM step inside the in_proj GEMV went from 57 to 170-255 registers and from 1.25 to 2.3 ms per step;
 docs/DEVELOPING.md). Check here before spending device time. For the conv + SSM kernel, whose time is latency,
-it also counts what runs after the PDL wait (barriers, shuffles; `after_wait`).
+it also counts what runs after the PDL wait (barriers, shuffles; `after_wait`) — a count, not a prediction: the
+eleventh session cut its barriers from 24 to 11 and the step got 14 µs slower (docs/BENCHMARKS.md, "Fewer barriers
+after the wait"). Only whole-step timings decide.
 """
 
 from __future__ import annotations

@@ -295,6 +295,9 @@ def interleaved_sweep(model, batches=(1,), rounds=4):
     LAUNCH, interleaved over `rounds` passes so that drift between decoders shows; prints each pass and the median per
     configuration, and the T2I in-graph decode (greedy, one-launch choice) per token. Restores LAUNCH. Edit
     `variants` for the question at hand."""
+    import importlib
+
+    from omnimamba_hf.modeling import graph_decode_omnimamba as graph_decode
     from omnimamba_hf.modeling.graph_decode_omnimamba import FusedChoice
 
     saved = dict(fused.LAUNCH)
@@ -307,6 +310,12 @@ def interleaved_sweep(model, batches=(1,), rounds=4):
     # at batch 1 in the seventh session's block_p_warps_sweep.log, but 64 won at 16 and 64 rows). Answer: 32 rows x 4
     # warps 1.1227 vs 1.1253 ms per T2I step, noise-level (interleaved_sweep_ssm_block_p.log); 16 rows or 2 warps
     # are slower.
+    # A variant may also swap in another conv + SSM kernel: {"conv_ssm_module": "_ab_x"} uses `conv_ssm_step` of
+    # benchmarks/_ab_x.py, a copy of modeling/triton_decode_omnimamba.py with the kernel edited (not committed; the
+    # copy's own LAUNCH["ssm_num_warps"] applies). The eleventh session compared restructured kernels that way, with
+    # an unchanged copy as the control (0.6-1.1 µs from the in-tree kernel; interleaved_sweep_conv_ssm_5_control.log),
+    # and a kernel with almost nothing to do after its wait (a bound: 40 µs per step); see docs/BENCHMARKS.md,
+    # "Fewer barriers after the wait" (interleaved_sweep_conv_ssm_*.log, docs/attempts/conv_ssm_fewer_barriers.diff).
     variants = {"current": {}, **{f"ssm block_p {bp}, {w} warps": {"ssm_block_p": bp, "ssm_num_warps": w}
                                   for bp, w in ((32, 4), (32, 2), (16, 4), (16, 2))}}  # fmt: skip
     V = model.config.text_vocab_size
@@ -315,7 +324,9 @@ def interleaved_sweep(model, batches=(1,), rounds=4):
         for r in range(rounds):
             for name, change in variants.items():
                 fused.LAUNCH.update(saved)
-                fused.LAUNCH.update(change)
+                fused.LAUNCH.update({k: v for k, v in change.items() if k != "conv_ssm_module"})
+                if "conv_ssm_module" in change:
+                    graph_decode.conv_ssm_step = importlib.import_module(change["conv_ssm_module"]).conv_ssm_step
                 for task in ("t2i", "mmu"):
                     model.reset_graph_decoders()
                     dec = model.graph_decoder(task, batch, backend="fused")
@@ -325,6 +336,7 @@ def interleaved_sweep(model, batches=(1,), rounds=4):
                         first = torch.zeros(batch, dtype=torch.long, device="cuda")
                         run = lambda: dec.decode(first, 80, 64, choose=FusedChoice(), offset=V)  # noqa: E731
                         times[name]["decode"].append(min(event_ms(run, 5) for _ in range(3)) / 64)
+                graph_decode.conv_ssm_step = fused.conv_ssm_step
                 print(f"batch {batch}, round {r}, {name}: T2I {times[name]['t2i'][-1]:.4f} ms/step, "
                       f"MMU {times[name]['mmu'][-1]:.4f}, T2I decode {times[name]['decode'][-1]:.4f} ms/token")  # fmt: skip
         for name, t in times.items():
