@@ -218,6 +218,19 @@ def bench_omnimamba(model, bandwidth, tiny: bool):
     model.generate(ids, **host_loop)
     t_host = timed(lambda: model.generate(ids, **host_loop), repeat=3)
     alike_ms, host_ms = decode_ms_per_token(t, t_one, new), decode_ms_per_token(t_host, t_one, new)
+    # top-k sampling with transformers' default k (50): the one-launch choice (a radix select over the 50,288-wide
+    # row since the eleventh session), the PyTorch choice inside the graph, and the host loop
+    from omnimamba_hf.modeling import generation_omnimamba
+
+    sample_kw = dict(pixel_values=pixels, max_new_tokens=new, eos_token_id=None, do_sample=True, top_k=50)
+    sampled = {}
+    for name, extra, fused_choice in (("in_graph", {}, True), ("in_graph_pytorch_choice", {}, False),
+                                      ("host_loop", HOST_LOOP, True)):  # fmt: skip
+        generation_omnimamba.USE_FUSED_CHOICE = fused_choice
+        model.generate(ids, **sample_kw, **extra)
+        t_sampled = timed(lambda: model.generate(ids, **sample_kw, **extra), repeat=3)
+        sampled[f"ms_per_token_decode_top_k_{name}"] = decode_ms_per_token(t_sampled, t_one, new)
+    generation_omnimamba.USE_FUSED_CHOICE = True
     dec = model.graph_decoder("mmu", 1)
     tok = torch.full((1,), 100, device=device)
     step_ms = event_time_ms(lambda: dec.step(tok, ids.shape[1]), iters=100)
@@ -233,6 +246,7 @@ def bench_omnimamba(model, bandwidth, tiny: bool):
         "first_token_ms": t_one * 1e3,
         "ms_per_token_decode": alike_ms,
         "ms_per_token_decode_host_loop": host_ms,
+        **sampled,
         "step_over_floor": step_ms / results["mmu_floor_ms"],
         "generate_over_floor": decode_ms / results["mmu_floor_ms"],
     }
@@ -241,6 +255,8 @@ def bench_omnimamba(model, bandwidth, tiny: bool):
           f"step {step_ms:.3f} ms ({step_ms / results['mmu_floor_ms']:.2f}x floor); generate {decode_ms:.3f} ms/token; "
           f"first token {t_one * 1e3:.1f} ms, then {alike_ms:.3f} ms/token (host loop: {host_ms:.3f})",
           flush=True)  # fmt: skip
+    print("MMU batch 1, top-k 50 sampling: " + ", ".join(f"{k.removeprefix('ms_per_token_decode_top_k_')} {v:.3f}"
+                                                         for k, v in sampled.items()) + " ms/token", flush=True)  # fmt: skip
 
     # peak memory vs generated length: the recurrent state does not grow (other batch sizes' decoders dropped first)
     if torch.cuda.is_available():

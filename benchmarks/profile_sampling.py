@@ -11,7 +11,7 @@ counter, one tiny kernel). A decode step of the
 import torch
 from transformers.generation import LogitsProcessorList, TemperatureLogitsWarper, TopKLogitsWarper, TopPLogitsWarper
 
-from omnimamba_hf.modeling.triton_choice_omnimamba import choose_and_feed, fused_choice_supported
+from omnimamba_hf.modeling.triton_choice_omnimamba import choose_and_feed
 from profile_decode_step import graph_us_per_call
 
 
@@ -33,7 +33,7 @@ def main():
                 "softmax": lambda: scores.softmax(-1),
                 "multinomial": lambda: torch.multinomial(probs, 1),
             }
-            for k in (1000, 100):
+            for k in (1000, 50):  # 50: transformers' default top_k when do_sample=True
                 warpers = LogitsProcessorList([TemperatureLogitsWarper(0.9), TopKLogitsWarper(k)])
                 pieces[f"whole top-k {k} choice"] = lambda w=warpers: torch.multinomial(
                     w(None, logits.float()).softmax(-1), 1
@@ -47,9 +47,9 @@ def main():
             steps = torch.zeros(batch, dtype=torch.long, device="cuda")
             reset = lambda: steps.zero_()  # noqa: E731 (20 calls per replay: the step counter must stay < 64)
             pieces["one-launch greedy"] = lambda: (choose_and_feed(logits, steps=steps, **b), reset())
-            if fused_choice_supported(vocab, True, 1000):
-                pieces["one-launch top-k 1000"] = lambda: (
-                    choose_and_feed(logits, steps=steps, **b, do_sample=True, temperature=0.9, top_k=1000), reset()
+            for k in (1000, 50):  # at the MMU width by radix select over blocks (since the eleventh session)
+                pieces[f"one-launch top-k {k}"] = lambda k=k: (
+                    choose_and_feed(logits, steps=steps, **b, do_sample=True, temperature=0.9, top_k=k), reset()
                 )
             pieces["one-launch sampling, whole row"] = lambda: (
                 choose_and_feed(logits, steps=steps, **b, do_sample=True, temperature=0.9), reset()

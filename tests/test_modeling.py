@@ -118,6 +118,24 @@ def test_text_only_layout_uses_zero_image_features(model, config):
     torch.testing.assert_close(out.logits, ref)
 
 
+def test_generated_placeholder_id_is_an_ordinary_token(model, config):
+    """The MMU head covers the image placeholder id, so sampling can choose it; fed back while decoding (a state, no
+    images) it is embedded like any token, as the original does, instead of raising for a lone placeholder. The step
+    equals the same step given its embedding directly."""
+    ids = torch.tensor([mmu_ids(config)])
+    cache = DynamicCache(config=config.get_text_config(decoder=True))
+    with torch.no_grad():
+        model(input_ids=ids, pixel_values=pixels(), cache_params=cache, use_cache=True)
+        state = copy.deepcopy(cache)
+        new, position = torch.tensor([[config.image_token_id]]), torch.tensor([[ids.shape[1]]])
+        step = model(input_ids=new, cache_params=cache, position_ids=position, use_cache=True).logits
+        embeds = model.model.embed_tokens(new, "mmu")
+        ref = model(inputs_embeds=embeds, cache_params=state, position_ids=position, use_cache=True).logits
+    torch.testing.assert_close(step, ref, rtol=0, atol=0)
+    with pytest.raises(ValueError, match="not a multiple of num_image_tokens"):  # without a state it is still an error
+        model(input_ids=new)
+
+
 def test_save_load_round_trip_auto_classes_and_tying(model, config, tmp_path):
     model.save_pretrained(tmp_path, max_shard_size="200KB")  # sharded safetensors
     assert len(list(tmp_path.glob("*.safetensors"))) > 1

@@ -414,17 +414,20 @@ class OmniMambaModel(OmniMambaPreTrainedModel):
 
     def build_inputs_embeds(
         self, input_ids, pixel_values=None, image_flags=None, position_ids=None, task: TaskRoute = "mmu",
-        inputs_embeds=None, image_features=None,
+        inputs_embeds=None, image_features=None, generated_ids=False,
     ):  # fmt: skip
         """What the Mamba stack consumes: token / caption / image-code embeddings, the projected vision features in
         the image slots (`image_features` if already computed, e.g. by a CUDA graph), plus the task's position table
-        (`position_ids` default `0 … seq-1`). Returns `(inputs_embeds, image_hidden_states)`."""
+        (`position_ids` default `0 … seq-1`). Returns `(inputs_embeds, image_hidden_states)`. With `generated_ids`
+        (tokens fed back during decoding, no images) the placeholder id is an ordinary token: the MMU head covers it,
+        so sampling can choose it, and the original feeds back whatever it samples."""
         image_hidden_states = None
         if inputs_embeds is None:
             inputs_embeds = self.embed_tokens(input_ids, task)
-            inputs_embeds, image_hidden_states = self._scatter_image_features(
-                input_ids, inputs_embeds, pixel_values, image_flags, image_features
-            )
+            if not generated_ids:
+                inputs_embeds, image_hidden_states = self._scatter_image_features(
+                    input_ids, inputs_embeds, pixel_values, image_flags, image_features
+                )
         elif pixel_values is not None:
             raise ValueError("pixel_values need input_ids (their placeholders say where the image goes).")
         if position_ids is None:
@@ -477,8 +480,11 @@ class OmniMambaModel(OmniMambaPreTrainedModel):
                 "position_ids are required when continuing from cache_params (the learned position tables need the "
                 "absolute position of each new token)."
             )
+        # continuing from a state without images: the new ids were generated, placeholders included (see above)
+        generated_ids = pixel_values is None and cache_params is not None and cache_params.has_previous_state()
         inputs_embeds, image_hidden_states = self.build_inputs_embeds(
-            input_ids, pixel_values, image_flags, position_ids, route, inputs_embeds=inputs_embeds
+            input_ids, pixel_values, image_flags, position_ids, route, inputs_embeds=inputs_embeds,
+            generated_ids=generated_ids,
         )
         if attention_mask is not None and not is_torchdynamo_compiling():
             right_padded = bool((attention_mask[:, 1:] <= attention_mask[:, :-1]).all())
