@@ -11,7 +11,7 @@ counter, one tiny kernel). A decode step of the
 import torch
 from transformers.generation import LogitsProcessorList, TemperatureLogitsWarper, TopKLogitsWarper, TopPLogitsWarper
 
-from omnimamba_hf.modeling.triton_choice_omnimamba import choose_and_feed
+from omnimamba_hf.modeling.triton_choice_omnimamba import choose_and_feed, fused_choice_supported
 from profile_decode_step import graph_us_per_call
 
 
@@ -47,10 +47,11 @@ def main():
             steps = torch.zeros(batch, dtype=torch.long, device="cuda")
             reset = lambda: steps.zero_()  # noqa: E731 (20 calls per replay: the step counter must stay < 64)
             pieces["one-launch greedy"] = lambda: (choose_and_feed(logits, steps=steps, **b), reset())
-            for k in (1000, 50):  # at the MMU width by radix select over blocks (since the eleventh session)
-                pieces[f"one-launch top-k {k}"] = lambda k=k: (
-                    choose_and_feed(logits, steps=steps, **b, do_sample=True, temperature=0.9, top_k=k), reset()
-                )
+            for k in (1000, 50):
+                if fused_choice_supported(vocab, True, k):  # the T2I width (at the MMU width, see docs/BENCHMARKS.md)
+                    pieces[f"one-launch top-k {k}"] = lambda k=k: (
+                        choose_and_feed(logits, steps=steps, **b, do_sample=True, temperature=0.9, top_k=k), reset()
+                    )
             pieces["one-launch sampling, whole row"] = lambda: (
                 choose_and_feed(logits, steps=steps, **b, do_sample=True, temperature=0.9), reset()
             )

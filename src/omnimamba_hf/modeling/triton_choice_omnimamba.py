@@ -14,8 +14,7 @@ row does all of it:
   per `decode()` call from torch's CUDA generator and per step: seeded calls repeat, but draw other numbers than
   `torch.multinomial` in the host loop / GenerationMixin, so the two sample the same distribution, not the same
   tokens (tests check the distribution). With top-k the whole row sits in registers, so the head width must be
-  at most `TOP_K_MAX_WIDTH` (16,384: T2I); wider heads (MMU) find the k-th largest score by a radix select over
-  blocks of the row (`_kth_largest_by_blocks`, 4 passes of 8 bits). Top-p keeps the PyTorch choice;
+  at most `TOP_K_MAX_WIDTH` (16,384: T2I); wider heads (MMU) and top-p keep the PyTorch choice;
 * eos and padding (a finished row gets `pad`), the choice written at the row's step counter, fed back as
   `choice + offset` to every row group (classifier-free guidance feeds two), positions advanced.
 """
@@ -40,40 +39,10 @@ if triton is not None:
         return tl.where(bits < 0, bits ^ 0x7FFFFFFF, bits)
 
     @triton.jit
-    def _from_order_key(key):
-        """The float32 value whose `_order_key` is `key` (int32)."""
-        return tl.where(key < 0, key ^ 0x7FFFFFFF, key).to(tl.float32, bitcast=True)
-
-    @triton.jit
-    def _kth_largest_by_blocks(row, V: tl.constexpr, temperature, top_k, BLOCK: tl.constexpr):
-        """The k-th largest of `row[:V] / temperature`, for rows too wide to hold in registers: a radix select on the
-        scores' order keys, 8 bits a pass from the top, each pass a histogram over the row's blocks (the row was just
-        written by the head kernel, so it is read from L2), 4 passes."""
-        cols = tl.arange(0, BLOCK)
-        bins = tl.arange(0, 256)
-        prefix = tl.sum(tl.zeros([1], tl.int64), axis=0)  # the key's bits decided so far (as an unsigned value)
-        remaining = tl.sum(tl.zeros([1], tl.int64), axis=0) + top_k  # its rank among the keys that share them
-        for shift in tl.static_range(24, -1, -8):
-            hist = tl.zeros([256], tl.int32)
-            for v0 in range(0, V, BLOCK):
-                idx = v0 + cols
-                ok = idx < V
-                s = tl.load(row + idx, mask=ok, other=0.0).to(tl.float32) / temperature
-                key = _order_key(s).to(tl.int64) + 2147483648  # unsigned order, in [0, 2^32)
-                match = ok & ((key >> (shift + 8)) == prefix)
-                hist += tl.histogram(((key >> shift) & 255).to(tl.int32), 256, mask=match)
-            at_least = tl.cumsum(hist, 0, reverse=True)  # keys whose digit is >= each bin
-            digit = tl.max(tl.where(at_least >= remaining, bins, -1), axis=0)
-            remaining -= tl.sum(tl.where(bins > digit, hist, 0), axis=0)
-            prefix = prefix * 256 + digit
-        return _from_order_key((prefix - 2147483648).to(tl.int32))
-
-    @triton.jit
     def _choose_kernel(
         logits_ptr, stride_logits, tokens_ptr, stride_tokens, k_ptr, ids_ptr, positions_ptr, unfinished_ptr, eos_ptr,
         seed_ptr, temperature, top_k, offset, pad, R, V: tl.constexpr,
         GROUPS: tl.constexpr, N_EOS: tl.constexpr, SAMPLE: tl.constexpr, TOP_K: tl.constexpr, BLOCK: tl.constexpr,
-        WIDE_TOP_K: tl.constexpr = False,
     ):  # fmt: skip
         b = tl.program_id(0)
         row = logits_ptr + b * stride_logits
@@ -95,10 +64,7 @@ if triton is not None:
             noisy = s - tl.log(-tl.log(tl.rand(seed, b * V + cols)))
             noisy = tl.where(ok & (s >= threshold), noisy, float("-inf"))
             choice = tl.argmax(noisy, axis=0)
-        else:  # greedy, or sampling (from the whole row, or above a threshold): a running (max, first index) over blocks
-            threshold = tl.max(tl.full([BLOCK], float("-inf"), tl.float32), axis=0)
-            if WIDE_TOP_K:
-                threshold = _kth_largest_by_blocks(row, V, temperature, top_k, BLOCK)
+        else:  # greedy, or sampling from the whole row: a running (max, first index) over blocks
             best = tl.max(tl.full([BLOCK], float("-inf"), tl.float32), axis=0)
             choice = tl.argmax(tl.zeros([BLOCK], tl.float32), axis=0)  # 0, as torch.argmax of an all -inf row
             for v0 in range(0, V, BLOCK):
@@ -106,8 +72,7 @@ if triton is not None:
                 ok = idx < V
                 x = tl.load(row + idx, mask=ok, other=float("-inf")).to(tl.float32)
                 if SAMPLE:
-                    x = x / temperature
-                    x = tl.where(ok & (x >= threshold), x - tl.log(-tl.log(tl.rand(seed, b * V + idx))), float("-inf"))
+                    x = tl.where(ok, x / temperature - tl.log(-tl.log(tl.rand(seed, b * V + idx))), float("-inf"))
                 m = tl.max(x, axis=0)
                 better = m > best  # strictly: ties keep the earlier block, as torch.argmax keeps the first index
                 choice = tl.where(better, tl.argmax(x, axis=0) + v0, choice)
@@ -127,9 +92,8 @@ if triton is not None:
 
 
 def fused_choice_supported(width: int, do_sample: bool, top_k: int) -> bool:
-    """Whether `choose_and_feed` implements this choice for a head of `width` logits (any width since the eleventh
-    session: heads wider than TOP_K_MAX_WIDTH take their top-k threshold by a radix select over blocks)."""
-    return triton is not None
+    """Whether `choose_and_feed` implements this choice for a head of `width` logits."""
+    return triton is not None and (not do_sample or not top_k or width <= TOP_K_MAX_WIDTH)
 
 
 def choose_and_feed(logits, tokens, steps, ids, positions, unfinished, seed, eos=None, *, do_sample=False,
@@ -141,14 +105,12 @@ def choose_and_feed(logits, tokens, steps, ids, positions, unfinished, seed, eos
     a multiple of R rows). `seed` [1] int64: with `steps`, it seeds the sampling noise."""
     r, width = tokens.shape[0], logits.shape[1]
     top_k = min(top_k or 0, width) if do_sample else 0
-    wide_top_k = bool(top_k) and width > TOP_K_MAX_WIDTH
-    whole_row = bool(top_k) and not wide_top_k
-    block = triton.next_power_of_2(width) if whole_row else min(GREEDY_BLOCK, triton.next_power_of_2(width))
+    block = triton.next_power_of_2(width) if top_k else min(GREEDY_BLOCK, triton.next_power_of_2(width))
     _choose_kernel[(r,)](
         logits, logits.stride(0), tokens, tokens.stride(0), steps, ids, positions, unfinished,
         seed if eos is None else eos, seed, float(temperature or 1.0), top_k, offset, pad, r, width,
         GROUPS=ids.shape[0] // r, N_EOS=0 if eos is None else eos.numel(), SAMPLE=bool(do_sample),
-        TOP_K=whole_row, BLOCK=block, WIDE_TOP_K=wide_top_k, num_warps=16 if whole_row else 8,
+        TOP_K=bool(top_k), BLOCK=block, num_warps=16 if top_k else 8,
     )  # fmt: skip
 
 
