@@ -218,14 +218,19 @@ def bench_omnimamba(model, bandwidth, tiny: bool):
     model.generate(ids, **host_loop)
     t_host = timed(lambda: model.generate(ids, **host_loop), repeat=3)
     alike_ms, host_ms = decode_ms_per_token(t, t_one, new), decode_ms_per_token(t_host, t_one, new)
-    # top-k sampling with transformers' default k (50), inside the graph (the PyTorch choice: the MMU row is too wide
-    # for the one-launch top-k, docs/BENCHMARKS.md) and in the host loop
+    # top-k sampling with transformers' default k (50): inside the graph with the one-launch choice (on CUDA; three
+    # launches over blocks of the 50,288-wide row) and with the PyTorch choice, and in the host loop
+    from omnimamba_hf.modeling import generation_omnimamba
+
     sample_kw = dict(pixel_values=pixels, max_new_tokens=new, eos_token_id=None, do_sample=True, top_k=50)
     sampled = {}
-    for name, extra in (("in_graph", {}), ("host_loop", HOST_LOOP)):
+    for name, extra, fused_choice in (("in_graph", {}, True), ("in_graph_pytorch_choice", {}, False),
+                                      ("host_loop", HOST_LOOP, True)):  # fmt: skip
+        generation_omnimamba.USE_FUSED_CHOICE = fused_choice
         model.generate(ids, **sample_kw, **extra)
         t_sampled = timed(lambda: model.generate(ids, **sample_kw, **extra), repeat=3)
         sampled[f"ms_per_token_decode_top_k_{name}"] = decode_ms_per_token(t_sampled, t_one, new)
+    generation_omnimamba.USE_FUSED_CHOICE = True
     dec = model.graph_decoder("mmu", 1)
     tok = torch.full((1,), 100, device=device)
     step_ms = event_time_ms(lambda: dec.step(tok, ids.shape[1]), iters=100)

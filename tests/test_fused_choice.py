@@ -17,8 +17,13 @@ def test_fused_choice_in_triton_interpreter():
     r = run_in_triton_interpreter(__file__)
     assert r["greedy_checked"] == 4 and r["decode_equal"]
     assert r["outside_top_k"] == 0 and r["threshold_ties_drawn"] > 0
+    # heads wider than TOP_K_MAX_WIDTH (MMU): three launches over blocks of the row (here 8-column blocks)
+    assert r["wide_outside_top_k"] == 0 and r["wide_threshold_ties_drawn"] > 0
+    assert r["wide_close_outside_top_k"] == 0 and r["wide_close_inside_drawn"] == 7, r
+    assert r["wide_equals_whole_row"], r  # the same threshold: the same draws from the same seed
     for name in ("full_row", "top_k"):  # 1000 draws (the interpreter is slow): a frequency's std. is at most 0.016
-        assert r[f"{name}_max_error"] < 0.07, r  # (tests/gpu checks 20,000 draws at the T2I width, compiled)
+        assert r[f"{name}_max_error"] < 0.07, r  # (tests/gpu checks 20,000 draws at both head widths, compiled)
+    assert r["wide_top_k_max_error"] < 0.1, r  # 500 draws: std. at most 0.022
     assert r["repeat_equal"] and not r["next_step_equal"]
 
 
@@ -28,6 +33,7 @@ def main():
     from common import randomize_routing_, tiny_config
     from omnimamba_hf import OmniMambaForConditionalGeneration
     from omnimamba_hf.modeling.graph_decode_omnimamba import FusedChoice
+    from omnimamba_hf.modeling import triton_choice_omnimamba
     from omnimamba_hf.modeling.triton_choice_omnimamba import GREEDY_BLOCK, choose_and_feed
 
     out = {}
@@ -74,6 +80,29 @@ def main():
         if top_k:
             out["outside_top_k"] = int(freq[~kept].gt(0).sum())
             out["threshold_ties_drawn"] = int(min(freq[3], freq[9]) > 0)
+    # the same with the row taken as "wide": blocks of 8 columns, each block's top k, the threshold from those
+    whole_row = b["tokens"][:, 0].clone()
+    triton_choice_omnimamba.TOP_K_MAX_WIDTH, triton_choice_omnimamba.GREEDY_BLOCK = 8, 8
+    n = 500  # three launches per row: fewer rows in the interpreter
+    b = buffers(n)
+    choose_and_feed(row.expand(n, width).contiguous(), **b, do_sample=True, temperature=temperature, top_k=5)
+    freq = torch.bincount(b["tokens"][:, 0], minlength=width).double() / n
+    out["wide_top_k_max_error"] = (freq - p).abs().max().item()
+    out["wide_outside_top_k"] = int(freq[~kept].gt(0).sum())
+    out["wide_threshold_ties_drawn"] = int(min(freq[3], freq[9]) > 0)
+    out["wide_equals_whole_row"] = bool(torch.equal(b["tokens"][:, 0], whole_row[:n]))
+    assert torch.equal(b["ids"], b["tokens"][:, 0]) and bool((b["steps"] == 1).all())  # recorded and fed back
+    assert not triton_choice_omnimamba.fused_choice_supported(16, True, triton_choice_omnimamba.WIDE_TOP_K_MAX + 1)
+    # scores that differ only in their lowest bits (every bisection step decides), negative and positive, 40 columns
+    close = torch.tensor([1.0 + 2.0**-23 * i for i in range(20)] + [-1.0 - 2.0**-23 * i for i in range(20)])
+    close = close[torch.randperm(40, generator=g)]
+    b = buffers(150)  # each kept score is drawn with p = 1/7: all seven appear
+    choose_and_feed(close.expand(150, 40).contiguous(), **b, do_sample=True, top_k=7)
+    inside = close >= close.topk(7).values[-1]
+    drawn = torch.bincount(b["tokens"][:, 0], minlength=40) > 0
+    out["wide_close_outside_top_k"] = int((drawn & ~inside).sum())
+    out["wide_close_inside_drawn"] = int((drawn & inside).sum())
+    triton_choice_omnimamba.TOP_K_MAX_WIDTH, triton_choice_omnimamba.GREEDY_BLOCK = 16384, GREEDY_BLOCK
     # seeded: the same (seed, step) draws the same tokens, the next step other ones
     logits = torch.randn(64, 100, generator=g).expand(64, 100).contiguous()
     draws = []

@@ -179,8 +179,8 @@ def test_choices_inside_the_graph_equal_the_host_loop(model, task, backend, batc
 
 def test_fused_choice_kernel_compiled():
     """The one-launch token choice compiled: greedy == torch.argmax on bf16 logits with ties at both head widths and
-    64 rows; 20,000 top-k draws at the T2I width follow softmax(top-k(logits / temperature)) (5-sigma bound), never
-    outside the top k."""
+    64 rows; 20,000 top-k draws at the T2I and the MMU widths follow softmax(top-k(logits / temperature)) (5-sigma
+    bound), never outside the top k; top-1 sampling at the MMU width keeps exactly the maximal bf16 logits."""
     from omnimamba_hf.modeling.triton_choice_omnimamba import choose_and_feed
 
     g = torch.Generator(device="cuda").manual_seed(0)
@@ -198,18 +198,25 @@ def test_fused_choice_kernel_compiled():
         b = buffers(64)
         choose_and_feed(logits, **b)
         assert torch.equal(b["tokens"][:, 0], logits.float().argmax(-1)), width
-    n, width, top_k, temperature = 20000, 16384, 50, 0.8
-    row = torch.randn(width, device="cuda", generator=g) * 3
-    b = buffers(n)
-    choose_and_feed(row.expand(n, width).contiguous(), **b, do_sample=True, temperature=temperature, top_k=top_k)
-    freq = torch.bincount(b["tokens"][:, 0], minlength=width).double() / n
-    scores = row / temperature
-    kept = scores >= scores.topk(top_k).values[-1]
-    p = torch.where(kept, scores, torch.tensor(float("-inf"), device="cuda")).double().softmax(-1)
-    bound = 5 * (p * (1 - p) / n).sqrt() + 1e-4
-    print(f"\nfused choice: 20,000 top-{top_k} draws, max |freq - p| {(freq - p).abs().max().item():.4f}")
-    assert int(freq[~kept].gt(0).sum()) == 0
-    assert bool(((freq - p).abs() <= bound).all()), ((freq - p).abs() / bound).max()
+    # the MMU width takes its top-k threshold by a radix select over blocks: top-1 on bf16 rows with ties keeps
+    # exactly the maximal logits
+    logits = (torch.randn(64, 50288, device="cuda", generator=g) * 2).bfloat16()
+    b = buffers(64)
+    choose_and_feed(logits, **b, do_sample=True, top_k=1)
+    assert torch.equal(logits.gather(1, b["tokens"][:, :1])[:, 0], logits.max(-1).values)
+    for width in (16384, 50288):  # the whole row in registers / the radix select
+        n, top_k, temperature = 20000, 50, 0.8
+        row = torch.randn(width, device="cuda", generator=g) * 3
+        b = buffers(n)
+        choose_and_feed(row.expand(n, width).contiguous(), **b, do_sample=True, temperature=temperature, top_k=top_k)
+        freq = torch.bincount(b["tokens"][:, 0], minlength=width).double() / n
+        scores = row / temperature
+        kept = scores >= scores.topk(top_k).values[-1]
+        p = torch.where(kept, scores, torch.tensor(float("-inf"), device="cuda")).double().softmax(-1)
+        bound = 5 * (p * (1 - p) / n).sqrt() + 1e-4
+        print(f"\nfused choice, width {width}: 20,000 top-{top_k} draws, max |freq - p| {(freq - p).abs().max().item():.4f}")
+        assert int(freq[~kept].gt(0).sum()) == 0
+        assert bool(((freq - p).abs() <= bound).all()), ((freq - p).abs() / bound).max()
 
 
 def test_fused_training_path_equals_unfused(model):

@@ -15,7 +15,8 @@ On the static decoders, greedy and plain sampled decoding (temperature / top-k /
 inside the decoder (`OmniMambaGraphDecoder.decode`: the choice, eos and padding, the fed-back id and position; on CUDA
 one graph replay per 8 steps, no host work in between); returning scores or logits, a repetition penalty, user
 logits processors and streaming take the host loop over the one-step graph. Both give the same tokens, except that
-on CUDA temperature / top-k sampling without guidance chooses with one Triton launch per step (`FusedChoice`), whose
+on CUDA temperature / top-k sampling without guidance chooses with one Triton launch per step (three for top-k at the
+MMU head's width; `FusedChoice`), whose
 draws follow the same distribution with other random numbers (`USE_FUSED_CHOICE = False`: the PyTorch choice).
 
 Position tables. An MMU sequence can hold `mmu_max_position_embeddings` (1500) positions, image slots included; the
@@ -96,7 +97,8 @@ _IN_GRAPH_WARPERS = (TemperatureLogitsWarper, TopKLogitsWarper, TopPLogitsWarper
 
 
 # On CUDA, greedy and temperature / top-k sampling choose in one Triton launch per step (FusedChoice) instead of
-# PyTorch ops: ~10 µs less per greedy token, ~140 µs less per top-k-sampled T2I token on an H100 (docs/BENCHMARKS.md).
+# PyTorch ops: ~10 µs less per greedy token, ~140 µs less per top-k-sampled T2I token and ~125 µs per MMU one (three
+# launches at that width) on an H100 (docs/BENCHMARKS.md).
 # Sampling then draws other random numbers than the host loop (same distribution); False keeps the PyTorch choice.
 USE_FUSED_CHOICE = True
 
