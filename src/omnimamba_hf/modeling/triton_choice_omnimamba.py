@@ -189,20 +189,22 @@ def choose_and_feed(logits, tokens, steps, ids, positions, unfinished, seed, eos
     a multiple of R rows). `seed` [1] int64: with `steps`, it seeds the sampling noise."""
     r, width = tokens.shape[0], logits.shape[1]
     top_k = min(top_k or 0, width) if do_sample else 0
+    temperature = float(temperature or 1.0)
     if top_k and width > TOP_K_MAX_WIDTH:
         _wide_top_k(logits, tokens, steps, ids, positions, unfinished, seed, eos, temperature, top_k, offset, pad)
         return
     block = triton.next_power_of_2(width) if top_k else min(GREEDY_BLOCK, triton.next_power_of_2(width))
     _choose_kernel[(r,)](
         logits, logits.stride(0), tokens, tokens.stride(0), steps, ids, positions, unfinished,
-        seed if eos is None else eos, seed, float(temperature or 1.0), top_k, offset, pad, r, width,
+        seed if eos is None else eos, seed, temperature, top_k, offset, pad, r, width,
         GROUPS=ids.shape[0] // r, N_EOS=0 if eos is None else eos.numel(), SAMPLE=bool(do_sample),
         TOP_K=bool(top_k), BLOCK=block, num_warps=16 if top_k else 8,
     )  # fmt: skip
 
 
 def _wide_top_k(logits, tokens, steps, ids, positions, unfinished, seed, eos, temperature, top_k, offset, pad):
-    """`choose_and_feed`'s top-k sampling for heads wider than TOP_K_MAX_WIDTH: three launches (see the kernels)."""
+    """`choose_and_feed`'s top-k sampling for heads wider than TOP_K_MAX_WIDTH: three launches (see the kernels).
+    `temperature` is a float already, `top_k` at most the width."""
     if top_k > WIDE_TOP_K_MAX:
         raise ValueError(f"the one-launch top-k takes k <= {WIDE_TOP_K_MAX} at width {logits.shape[1]}, not {top_k}")
     r, width = tokens.shape[0], logits.shape[1]
@@ -210,7 +212,6 @@ def _wide_top_k(logits, tokens, steps, ids, positions, unfinished, seed, eos, te
     nb, kp = triton.cdiv(width, block), triton.next_power_of_2(top_k)
     cand = _scratch("candidates", logits.device, r, nb * kp)
     best = _scratch("best", logits.device, r, 2 * nb)
-    temperature = float(temperature or 1.0)
     _block_top_k_kernel[(r, nb)](logits, logits.stride(0), cand, temperature, top_k, width, BLOCK=block, KP=kp,
                                  num_warps=8)  # fmt: skip
     _block_draw_kernel[(r, nb)](
