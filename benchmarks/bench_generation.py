@@ -193,7 +193,7 @@ def bench_omnimamba(model, bandwidth, tiny: bool):
 
     def prefill():
         cache = DynamicCache(config=config.get_text_config(decoder=True))
-        model(input_ids=ids, pixel_values=pixels, cache_params=cache, use_cache=True, logits_to_keep=1)
+        model(input_ids=ids, pixel_values=pixels, cache=cache, use_cache=True, logits_to_keep=1)
 
     decoder = "cuda_graph" if torch.cuda.is_available() else "static"
 
@@ -349,13 +349,13 @@ def bench_llama(device, dtype, tiny, lengths):
                         compiled = model if tiny else torch.compile(model, mode="reduce-overhead", fullgraph=True)
                     static_cache.reset()
                     cache, fwd = static_cache, compiled
-                model(input_ids=ids, past_key_values=cache, use_cache=True, logits_to_keep=1)
+                model(input_ids=ids, cache=cache, use_cache=True, logits_to_keep=1)
                 tok = torch.zeros(1, 1, dtype=torch.long, device=device)
                 pos = [L]
 
                 def one():
                     p = torch.tensor([[pos[0]]], device=device)
-                    fwd(input_ids=tok, past_key_values=cache, position_ids=p, use_cache=True)
+                    fwd(input_ids=tok, cache=cache, position_ids=p, use_cache=True)
                     pos[0] += 1
 
                 for _ in range(3):  # warm-up / compile / capture

@@ -58,7 +58,7 @@ def main():
         """(PyTorch-step decoder, fused decoder), both holding the states of an eager prefill of `prompt`."""
         cache = DynamicCache(config=config.get_text_config(decoder=True))
         with torch.no_grad():
-            model(input_ids=prompt, task=task, cache_params=cache, use_cache=True)
+            model(input_ids=prompt, task=task, cache=cache, use_cache=True)
         pair = [OmniMambaGraphDecoder(model, task, prompt.shape[0], compile=False, use_graph=False, backend=backend,
                                       code_table=True)  # T2I embeds codes from the table, as on CUDA in bf16
                 for backend in ("inductor", "fused")]  # fmt: skip

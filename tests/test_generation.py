@@ -183,7 +183,7 @@ def test_cache_size_is_independent_of_generated_length(model, config):
 
     def cache_bytes(n):
         out = model.generate(ids, pixel_values=pixels(6), max_new_tokens=n, eos_token_id=None, return_dict_in_generate=True)
-        cache = out.cache_params if hasattr(out, "cache_params") and out.cache_params is not None else out.past_key_values
+        cache = out.cache
         tensors = [t for layer in cache.layers for t in (*layer.conv_states.values(), *layer.recurrent_states.values())]
         return sum(t.numel() * t.element_size() for t in tensors)
 
@@ -302,7 +302,7 @@ def test_chunked_prefill_equals_one_shot_prefill(model, config, task):
     with torch.no_grad():
         cache = DynamicCache(config=config.get_text_config(decoder=True))
         out = model(input_ids=ids, pixel_values=px, attention_mask=mask, position_ids=positions, task=task,
-                    cache_params=cache, use_cache=True, logits_to_keep=1)  # fmt: skip
+                    cache=cache, use_cache=True, logits_to_keep=1)  # fmt: skip
         embeds, _ = model.model.build_inputs_embeds(ids, px, None, positions, task)
         prefill = OmniMambaGraphPrefill(model, task, 2, use_graph=False)
         prefill.min_chunk = 2
@@ -344,7 +344,7 @@ def test_image_code_table_decoder_equals_per_step_mlp(model, config):
     def decode(code_table):
         cache = DynamicCache(config=text)
         with torch.no_grad():
-            m(input_ids=prompt, task="t2i", cache_params=cache, use_cache=True)
+            m(input_ids=prompt, task="t2i", cache=cache, use_cache=True)
         d = OmniMambaGraphDecoder(m, "t2i", 2, compile=False, use_graph=False, code_table=code_table)
         d.load_state(cache)
         return torch.stack([d.step(ids, start + k).clone() for k, ids in enumerate(tokens)]), d
@@ -409,12 +409,12 @@ def test_state_in_model_dtype_is_the_float32_update_rounded_once(model, config):
         m16.config.ssm_state_dtype = setting
         cache, logits = DynamicCache(config=text), []
         with torch.no_grad():
-            m16(input_ids=prompt, task="t2i", cache_params=cache, use_cache=True)
+            m16(input_ids=prompt, task="t2i", cache=cache, use_cache=True)
             for k, ids in enumerate(tokens):
                 if round_after_update:
                     for layer in cache.layers:
                         layer.recurrent_states[0].copy_(layer.recurrent_states[0].bfloat16())
-                out = m16(input_ids=ids[:, None], task="t2i", cache_params=cache, use_cache=True,
+                out = m16(input_ids=ids[:, None], task="t2i", cache=cache, use_cache=True,
                           position_ids=torch.full((2, 1), start + k))  # fmt: skip
                 logits.append(out.logits[:, -1])
         return torch.stack(logits), cache

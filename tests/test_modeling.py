@@ -53,11 +53,32 @@ def test_cached_decoding_equals_recomputation(model, config, task):
         kwargs, prompt = {}, config.t2i_prompt_length
     full = model(input_ids=ids, task=task, **kwargs).logits
     cache = DynamicCache(config=config.get_text_config(decoder=True))
-    step = model(input_ids=ids[:, :prompt], task=task, cache_params=cache, use_cache=True, **kwargs)
+    step = model(input_ids=ids[:, :prompt], task=task, cache=cache, use_cache=True, **kwargs)
     torch.testing.assert_close(step.logits, full[:, :prompt], rtol=1e-5, atol=1e-5)
     for t in range(prompt, ids.shape[1]):
-        out = model(input_ids=ids[:, t : t + 1], task=task, cache_params=cache, position_ids=torch.tensor([[t]]))
+        out = model(input_ids=ids[:, t : t + 1], task=task, cache=cache, position_ids=torch.tensor([[t]]))
         torch.testing.assert_close(out.logits[:, 0], full[:, t], rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("old_name", ["cache_params", "past_key_values"])
+def test_pre_5_24_cache_names_still_work(model, config, old_name):
+    # transformers 5.24 renamed `cache_params` / `past_key_values` to `cache`; the old names warn and do the same
+    ids = torch.tensor([t2i_ids(config, codes=(4, 60))])
+    prompt, position = config.t2i_prompt_length, torch.tensor([[config.t2i_prompt_length]])
+
+    def continue_with(name):
+        cache = DynamicCache(config=config.get_text_config(decoder=True))
+        model(input_ids=ids[:, :prompt], task="t2i", use_cache=True, cache=cache)
+        return model(input_ids=ids[:, prompt:], task="t2i", position_ids=position, **{name: cache})
+
+    new = continue_with("cache")
+    with pytest.warns(FutureWarning, match="Use `cache` instead"):
+        old = continue_with(old_name)
+    torch.testing.assert_close(old.logits, new.logits, rtol=0, atol=0)
+    torch.testing.assert_close(old.cache.get_recurrent_state(0), new.cache.get_recurrent_state(0), rtol=0, atol=0)
+    # negative control: dropped into **kwargs, the old name would leave the step without the prompt's state
+    fresh = model(input_ids=ids[:, prompt:], task="t2i", position_ids=position).logits
+    assert not torch.allclose(fresh, new.logits)
 
 
 def test_left_padded_batch_equals_single(model, config):
@@ -125,12 +146,12 @@ def test_generated_placeholder_id_is_an_ordinary_token(model, config):
     ids = torch.tensor([mmu_ids(config)])
     cache = DynamicCache(config=config.get_text_config(decoder=True))
     with torch.no_grad():
-        model(input_ids=ids, pixel_values=pixels(), cache_params=cache, use_cache=True)
+        model(input_ids=ids, pixel_values=pixels(), cache=cache, use_cache=True)
         state = copy.deepcopy(cache)
         new, position = torch.tensor([[config.image_token_id]]), torch.tensor([[ids.shape[1]]])
-        step = model(input_ids=new, cache_params=cache, position_ids=position, use_cache=True).logits
+        step = model(input_ids=new, cache=cache, position_ids=position, use_cache=True).logits
         embeds = model.model.embed_tokens(new, "mmu")
-        ref = model(inputs_embeds=embeds, cache_params=state, position_ids=position, use_cache=True).logits
+        ref = model(inputs_embeds=embeds, cache=state, position_ids=position, use_cache=True).logits
     torch.testing.assert_close(step, ref, rtol=0, atol=0)
     with pytest.raises(ValueError, match="not a multiple of num_image_tokens"):  # without a state it is still an error
         model(input_ids=new)

@@ -4,7 +4,7 @@
 #   GPU_SMOKE=1 source scripts/gpu/device_env.sh   # + tiny checked call of each kernel (~1 min cold)
 #
 # Run with carry [".gpu", ".whl"]. It installs, into $GPU_SITE (default /tmp/site):
-#   .whl/*.whl          (transformers 5.23.0, ...)       from scripts/gpu/fetch_kernel_sources.sh
+#   .whl/*.whl          (transformers 5.24.0, ...)       from scripts/gpu/fetch_kernel_sources.sh
 #   .gpu/wheels/*.whl   prebuilt sm_90 mamba_ssm + causal_conv1d (also *.whl.xz or *.part-NN)
 # then prepends $GPU_SITE to PYTHONPATH, sets PYTHONUNBUFFERED=1 and prints versions + GPU.
 # No `set -e` here: it is sourced into the caller's shell. Returns non-zero on failure.

@@ -9,14 +9,14 @@
 # Layout (both folders are git-ignored via /.gpu/ and /.whl/ in .gitignore):
 #   .gpu/sdist/   mamba_ssm-2.3.2.post1.tar.gz, causal_conv1d-1.7.0.tar.gz  (built THERE)
 #   .gpu/wheels/  prebuilt sm_90 kernel wheels (come back from the device once)
-#   .whl/         pure-Python / manylinux wheels that the device lacks (transformers 5.23.0)
+#   .whl/         pure-Python / manylinux wheels that the device lacks (transformers 5.24.0)
 # See docs/GPU.md.
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/../.."
 
 MAMBA_VERSION=2.3.2.post1
 CONV_VERSION=1.7.0
-TRANSFORMERS_VERSION=5.23.0
+TRANSFORMERS_VERSION=5.24.0
 
 collect() {
   local src=$1 dst=.gpu/wheels

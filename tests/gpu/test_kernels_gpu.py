@@ -241,7 +241,7 @@ def test_fused_training_path_equals_unfused(model):
         from transformers import DynamicCache
 
         cache = DynamicCache(config=config.get_text_config(decoder=True))  # a cache forces the unfused path
-        unfused = model(input_ids=ids, labels=labels, use_cache=True, cache_params=cache)
+        unfused = model(input_ids=ids, labels=labels, use_cache=True, cache=cache)
         unfused.loss.backward()
         g_unfused = model.model.language_model.layers[0].mixer.in_proj.weight.grad.clone()
     finally:
@@ -293,7 +293,7 @@ def _compare_fused_step(model, gold_model, task, batch, state):
     for name, m, backend in runs:
         cache = DynamicCache(config=config.get_text_config(decoder=True))
         with torch.no_grad():
-            m(input_ids=prompt, task=task, cache_params=cache, use_cache=True)
+            m(input_ids=prompt, task=task, cache=cache, use_cache=True)
         graph = backend in ("fused", "hybrid")
         decoders[name] = OmniMambaGraphDecoder(m, task, batch, compile=False, use_graph=graph, backend=backend)
         decoders[name].load_state(cache)
@@ -347,7 +347,7 @@ def test_graph_prefill_equals_eager_prefill(model, case):
     with torch.no_grad():
         cache = DynamicCache(config=config.get_text_config(decoder=True))
         eager = model(input_ids=ids, pixel_values=px, attention_mask=mask, position_ids=positions, task=task,
-                      cache_params=cache, use_cache=True, logits_to_keep=1).logits[:, -1]  # fmt: skip
+                      cache=cache, use_cache=True, logits_to_keep=1).logits[:, -1]  # fmt: skip
         model.reset_graph_decoders()
         graph, graph_cache = model._omnimamba_prefill(ids, task, "cuda_graph", px, attention_mask=mask, position_ids=positions)
         again, _ = model._omnimamba_prefill(ids, task, "cuda_graph", px, attention_mask=mask, position_ids=positions)

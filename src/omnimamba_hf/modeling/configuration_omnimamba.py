@@ -230,7 +230,7 @@ class OmniMambaConfig(PreTrainedConfig):
         "vision_config": OmniMambaVisionConfig,
         "vq_config": OmniMambaVQVAEConfig,
     }
-    keys_to_ignore_at_inference = ["cache_params", "image_hidden_states"]
+    keys_to_ignore_at_inference = ["cache", "image_hidden_states"]
 
     text_config: dict | PreTrainedConfig | None = None
     vision_config: dict | PreTrainedConfig | None = None

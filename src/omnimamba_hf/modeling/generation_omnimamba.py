@@ -236,7 +236,7 @@ class OmniMambaGenerationMixin(GenerationMixin):
             cache = DynamicCache(config=self.config.get_text_config(decoder=True))
             out = self(
                 input_ids=input_ids, pixel_values=pixel_values, image_flags=image_flags, attention_mask=attention_mask,
-                position_ids=position_ids, cache_params=cache, use_cache=True, logits_to_keep=1, task=task,
+                position_ids=position_ids, cache=cache, use_cache=True, logits_to_keep=1, task=task,
             )  # fmt: skip
             return out.logits[:, -1], cache
         features = None
@@ -472,14 +472,14 @@ class OmniMambaGenerationMixin(GenerationMixin):
                     logits, graph_cache = self._omnimamba_prefill(prompt, "t2i", decoder)
                     static.load_state(graph_cache)
                     return logits
-                out = self(input_ids=prompt, task="t2i", cache_params=cache, use_cache=True, logits_to_keep=1)
+                out = self(input_ids=prompt, task="t2i", cache=cache, use_cache=True, logits_to_keep=1)
                 if static is not None:
                     static.load_state(cache)
             elif static is not None:
                 return static.step(ids, position)
             else:
                 positions = torch.full((ids.shape[0], 1), position, device=ids.device, dtype=torch.long)
-                out = self(input_ids=ids[:, None], task="t2i", cache_params=cache, position_ids=positions)
+                out = self(input_ids=ids[:, None], task="t2i", cache=cache, position_ids=positions)
             return out.logits[:, -1]
 
         step.static = static

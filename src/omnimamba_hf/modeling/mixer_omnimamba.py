@@ -280,7 +280,7 @@ class OmniMambaMixer(nn.Module):
         self,
         hidden_states: torch.Tensor,
         task: TaskRoute = "mmu",
-        cache_params=None,
+        cache=None,
         attention_mask: torch.Tensor | None = None,
     ) -> torch.Tensor:
         batch, seq_len, _ = hidden_states.shape
@@ -295,7 +295,7 @@ class OmniMambaMixer(nn.Module):
         weight = self.conv1d.weight.squeeze(1)  # [conv_dim, K]
 
         fusable = type(self.out_proj) is nn.Linear and type(self.conv1d) is nn.Conv1d  # not wrapped (e.g. by PEFT)
-        if cache_params is None and mask is None and fusable and kernels is not None and kernels.split_conv1d_scan:
+        if cache is None and mask is None and fusable and kernels is not None and kernels.split_conv1d_scan:
             # No state to keep and nothing padded: the original's training path (§3.4), memory-light in backward.
             # The kernel reads conv1d / norm / out_proj weights directly, so it is only used when they are plain modules.
             return kernels.split_conv1d_scan(
@@ -304,23 +304,23 @@ class OmniMambaMixer(nn.Module):
                 rmsnorm_eps=self.norm.variance_epsilon, outproj_weight=self.out_proj.weight,
                 outproj_bias=self.out_proj.bias, headdim=self.head_dim, ngroups=self.n_groups, norm_before_gate=False,
             )  # fmt: skip
-        stepping = cache_params is not None and seq_len == 1 and cache_params.get_conv_state(self.layer_idx) is not None
+        stepping = cache is not None and seq_len == 1 and cache.get_conv_state(self.layer_idx) is not None
         if stepping:
-            y = self._step(xBC[:, 0], dt[:, 0], A, weight, cache_params, kernels)[:, None]
+            y = self._step(xBC[:, 0], dt[:, 0], A, weight, cache, kernels)[:, None]
         else:
-            y = self._scan(xBC, dt, A, weight, cache_params, kernels, mask)
+            y = self._scan(xBC, dt, A, weight, cache, kernels, mask)
         y = self.norm(y, z)
         return self.out_proj(y)
 
-    def _scan(self, xBC, dt, A, weight, cache_params, kernels, mask):
+    def _scan(self, xBC, dt, A, weight, cache, kernels, mask):
         """A whole sequence (training, or the prefill of generation), continuing any cached state."""
         batch, seq_len, _ = xBC.shape
         K = self.conv_kernel_size
         previous = None
-        if cache_params is not None:
-            previous = cache_params.get_conv_state(self.layer_idx)
+        if cache is not None:
+            previous = cache.get_conv_state(self.layer_idx)
             previous = previous.clone() if previous is not None else None  # the update below writes in place
-            cache_params.update_conv_state(xBC.transpose(1, 2), self.layer_idx, conv_kernel_size=K)
+            cache.update_conv_state(xBC.transpose(1, 2), self.layer_idx, conv_kernel_size=K)
         if previous is not None:  # continue a cached sequence: the conv sees the cached columns first
             full = torch.cat([previous[..., 1:].to(xBC.dtype), xBC.transpose(1, 2)], dim=-1)
             xBC = F.silu(F.conv1d(full, weight[:, None], self.conv1d.bias, groups=self.conv_dim)).transpose(1, 2)
@@ -337,7 +337,7 @@ class OmniMambaMixer(nn.Module):
         x = x.view(batch, seq_len, self.num_heads, self.head_dim)
         B = B.view(batch, seq_len, self.n_groups, self.ssm_state_size)
         C = C.view(batch, seq_len, self.n_groups, self.ssm_state_size)
-        initial = cache_params.get_recurrent_state(self.layer_idx) if cache_params is not None else None
+        initial = cache.get_recurrent_state(self.layer_idx) if cache is not None else None
 
         if kernels is not None:
             y, final = kernels.chunk_scan(
@@ -347,19 +347,19 @@ class OmniMambaMixer(nn.Module):
         else:
             y, final = ssd_chunked_scan(x, self._dt(dt), A, B, C, self.chunk_size, initial)
             y = y + x.to(y.dtype) * self.D.to(y.dtype)[:, None]
-        if cache_params is not None:  # a cache's first state fixes its dtype; later updates are cast into it
+        if cache is not None:  # a cache's first state fixes its dtype; later updates are cast into it
             state_dtype = initial.dtype if initial is not None else ssm_state_dtype(self.state_config, xBC.dtype)
-            cache_params.update_recurrent_state(final.to(state_dtype), self.layer_idx)
+            cache.update_recurrent_state(final.to(state_dtype), self.layer_idx)
         return y.reshape(batch, seq_len, -1).to(xBC.dtype)
 
-    def _step(self, xBC, dt, A, weight, cache_params, kernels):
+    def _step(self, xBC, dt, A, weight, cache, kernels):
         """One decoding step from the cached conv + SSM state (the original's `Mamba2.step`)."""
         batch, dtype = xBC.shape[0], xBC.dtype
-        conv_state = cache_params.get_conv_state(self.layer_idx)
+        conv_state = cache.get_conv_state(self.layer_idx)
         if kernels is not None and kernels.conv1d_update is not None:
             xBC = kernels.conv1d_update(xBC, conv_state, weight, self.conv1d.bias, "silu")
         else:
-            window = cache_params.update_conv_state(xBC[:, :, None], self.layer_idx, conv_kernel_size=self.conv_kernel_size)
+            window = cache.update_conv_state(xBC[:, :, None], self.layer_idx, conv_kernel_size=self.conv_kernel_size)
             window = window[..., -self.conv_kernel_size :]
             f = _compute_dtype(window)
             xBC = (window.to(f) * weight.to(f)).sum(-1)
@@ -370,7 +370,7 @@ class OmniMambaMixer(nn.Module):
         x = x.view(batch, self.num_heads, self.head_dim)
         B = B.view(batch, self.n_groups, self.ssm_state_size)
         C = C.view(batch, self.n_groups, self.ssm_state_size)
-        state = cache_params.get_recurrent_state(self.layer_idx)
+        state = cache.get_recurrent_state(self.layer_idx)
         if kernels is not None:
             p, n = self.head_dim, self.ssm_state_size
             y = kernels.state_update(
@@ -380,7 +380,7 @@ class OmniMambaMixer(nn.Module):
         else:
             y, new_state = ssd_step(state, x, self._dt(dt), A, B, C)
             y = y + x.to(y.dtype) * self.D.to(y.dtype)[:, None]
-            cache_params.update_recurrent_state(new_state, self.layer_idx)
+            cache.update_recurrent_state(new_state, self.layer_idx)
         return y.reshape(batch, -1).to(dtype)
 
 

@@ -33,6 +33,7 @@ from transformers import initialization as init
 from transformers.cache_utils import Cache, DynamicCache
 from transformers.modeling_layers import GradientCheckpointingLayer
 from transformers.utils import ModelOutput, can_return_tuple
+from transformers.utils.deprecation import deprecate_kwarg
 from transformers.utils.import_utils import is_torchdynamo_compiling
 
 from .configuration_omnimamba import OmniMambaConfig
@@ -58,13 +59,13 @@ AUTO_MAP = {
 class OmniMambaModelOutput(ModelOutput):
     r"""
     last_hidden_state (`torch.Tensor` of shape `(batch, seq, hidden)`): output of the final norm.
-    cache_params (`Cache`, *optional*): conv + SSM state of every Mamba layer (constant size).
+    cache (`Cache`, *optional*): conv + SSM state of every Mamba layer (constant size).
     hidden_states (`tuple(torch.Tensor)`, *optional*): input of every block and the final output.
     image_hidden_states (`torch.Tensor`, *optional*): projected vision features scattered into the image slots.
     """
 
     last_hidden_state: torch.Tensor | None = None
-    cache_params: Cache | None = None
+    cache: Cache | None = None
     hidden_states: tuple[torch.Tensor, ...] | None = None
     image_hidden_states: torch.Tensor | None = None
 
@@ -77,7 +78,7 @@ class OmniMambaCausalLMOutput(ModelOutput):
     logits (`torch.Tensor`): for a single-task call, the task's own head: text logits `(batch, seq, V_text)` for "mmu",
         image-code logits `(batch, seq, V_image)` for "t2i" (column k ↔ id `V_text + k`). For a call that mixes tasks per
         sample, logits over the whole id space `(batch, seq, V_text + V_image)`, `-inf` outside each row's vocabulary.
-    cache_params (`Cache`, *optional*): conv + SSM state of every Mamba layer.
+    cache (`Cache`, *optional*): conv + SSM state of every Mamba layer.
     hidden_states (`tuple(torch.Tensor)`, *optional*): see `OmniMambaModelOutput`.
     image_hidden_states (`torch.Tensor`, *optional*): projected vision features.
     mmu_loss / t2i_loss (`torch.Tensor`, *optional*): the per-task parts of `loss` (None for an absent task).
@@ -85,7 +86,7 @@ class OmniMambaCausalLMOutput(ModelOutput):
 
     loss: torch.Tensor | None = None
     logits: torch.Tensor | None = None
-    cache_params: Cache | None = None
+    cache: Cache | None = None
     hidden_states: tuple[torch.Tensor, ...] | None = None
     image_hidden_states: torch.Tensor | None = None
     mmu_loss: torch.Tensor | None = None
@@ -146,8 +147,8 @@ class OmniMambaBlock(GradientCheckpointingLayer):
             text, layer_idx, config.task_lora_rank, config.task_lora_alpha, config.task_lora_dropout, state_config=config
         )
 
-    def forward(self, residual, hidden_dtype, task, cache_params=None, attention_mask=None):
-        return self.mixer(self.norm(residual, hidden_dtype), task, cache_params, attention_mask)
+    def forward(self, residual, hidden_dtype, task, cache=None, attention_mask=None):
+        return self.mixer(self.norm(residual, hidden_dtype), task, cache, attention_mask)
 
 
 class OmniMambaTextModel(nn.Module):
@@ -160,12 +161,12 @@ class OmniMambaTextModel(nn.Module):
         self.layers = nn.ModuleList(OmniMambaBlock(config, i) for i in range(text.num_hidden_layers))
         self.norm_f = OmniMambaRMSNorm(text.hidden_size, eps=text.layer_norm_epsilon)
 
-    def forward(self, inputs_embeds, task, cache_params=None, attention_mask=None, output_hidden_states=False):
+    def forward(self, inputs_embeds, task, cache=None, attention_mask=None, output_hidden_states=False):
         dtype = inputs_embeds.dtype
         residual = inputs_embeds.to(torch.promote_types(dtype, torch.float32))  # residual_in_fp32 (spec §3.2)
         all_hidden = (inputs_embeds,) if output_hidden_states else None
         for layer in self.layers:
-            out = layer(residual, dtype, task, cache_params, attention_mask)
+            out = layer(residual, dtype, task, cache, attention_mask)
             residual = residual + out
             if output_hidden_states:
                 all_hidden += (residual.to(dtype),)
@@ -191,7 +192,7 @@ class OmniMambaPreTrainedModel(PreTrainedModel):
         "JanusVQVAEResnetBlock",
         "JanusVQVAEAttnBlock",
     ]
-    _skip_keys_device_placement = ["cache_params"]
+    _skip_keys_device_placement = ["cache"]
     _is_stateful = True
     _supports_sdpa = True
     _supports_flash_attn = True
@@ -436,6 +437,8 @@ class OmniMambaModel(OmniMambaPreTrainedModel):
         return self.add_position_embeddings(inputs_embeds, position_ids, task), image_hidden_states
 
     @can_return_tuple
+    @deprecate_kwarg("cache_params", "5.40.0", new_name="cache")  # transformers 5.24's rename
+    @deprecate_kwarg("past_key_values", "5.40.0", new_name="cache")
     def forward(
         self,
         input_ids: torch.LongTensor | None = None,
@@ -443,7 +446,7 @@ class OmniMambaModel(OmniMambaPreTrainedModel):
         image_flags: torch.Tensor | None = None,
         attention_mask: torch.Tensor | None = None,
         position_ids: torch.LongTensor | None = None,
-        cache_params: Cache | None = None,
+        cache: Cache | None = None,
         inputs_embeds: torch.FloatTensor | None = None,
         use_cache: bool | None = None,
         task: str | list[str] | torch.Tensor = "mmu",
@@ -458,7 +461,7 @@ class OmniMambaModel(OmniMambaPreTrainedModel):
         image_flags (`torch.BoolTensor` of shape `(n_slots,)`, *optional*): per image slot, False for an empty slot
             filled with zero features (the original's text-only layout). Default: every slot holds a real image.
         position_ids (`torch.LongTensor` of shape `(batch, seq)`, *optional*): indices into the task's position table;
-            default `0 … seq-1` (required when continuing from `cache_params`).
+            default `0 … seq-1` (required when continuing from `cache`).
         task (`str`, `list[str]` or `torch.LongTensor`, defaults to `"mmu"`): `"mmu"` or `"t2i"` for the whole batch,
             or one per sample.
         inputs_embeds (`torch.FloatTensor`, *optional*): already-embedded tokens (after the task's embedding path);
@@ -469,36 +472,36 @@ class OmniMambaModel(OmniMambaPreTrainedModel):
         batch, seq_len = (input_ids if input_ids is not None else inputs_embeds).shape[:2]
         device = (input_ids if input_ids is not None else inputs_embeds).device
         route = self.resolve_task(task, batch, device)
-        use_cache = use_cache if use_cache is not None else (cache_params is not None or not self.training)
-        if use_cache and cache_params is None:
-            cache_params = DynamicCache(config=self.config.get_text_config(decoder=True))
+        use_cache = use_cache if use_cache is not None else (cache is not None or not self.training)
+        if use_cache and cache is None:
+            cache = DynamicCache(config=self.config.get_text_config(decoder=True))
         if not use_cache:
-            cache_params = None
+            cache = None
 
-        if position_ids is None and cache_params is not None and cache_params.has_previous_state():
+        if position_ids is None and cache is not None and cache.has_previous_state():
             raise ValueError(
-                "position_ids are required when continuing from cache_params (the learned position tables need the "
+                "position_ids are required when continuing from cache (the learned position tables need the "
                 "absolute position of each new token)."
             )
         # continuing from a state without images: the new ids were generated, placeholders included (see above)
-        generated_ids = pixel_values is None and cache_params is not None and cache_params.has_previous_state()
+        generated_ids = pixel_values is None and cache is not None and cache.has_previous_state()
         inputs_embeds, image_hidden_states = self.build_inputs_embeds(
             input_ids, pixel_values, image_flags, position_ids, route, inputs_embeds=inputs_embeds,
             generated_ids=generated_ids,
         )
         if attention_mask is not None and not is_torchdynamo_compiling():
             right_padded = bool((attention_mask[:, 1:] <= attention_mask[:, :-1]).all())
-            if bool(attention_mask.all()) or (cache_params is None and right_padded):
+            if bool(attention_mask.all()) or (cache is None and right_padded):
                 # nothing padded, or only trailing padding with no state to keep: real positions cannot see the pads
                 # (causal), so the masking multiplies are skipped (and the fused training kernel can run)
                 attention_mask = None
 
         hidden, all_hidden = self.language_model(
-            inputs_embeds, route, cache_params, attention_mask, bool(output_hidden_states)
+            inputs_embeds, route, cache, attention_mask, bool(output_hidden_states)
         )
         return OmniMambaModelOutput(
             last_hidden_state=hidden,
-            cache_params=cache_params,
+            cache=cache,
             hidden_states=all_hidden,
             image_hidden_states=image_hidden_states,
         )
@@ -599,6 +602,8 @@ class OmniMambaForConditionalGeneration(OmniMambaPreTrainedModel, OmniMambaGener
         return loss, losses.get("mmu"), losses.get("t2i")
 
     @can_return_tuple
+    @deprecate_kwarg("cache_params", "5.40.0", new_name="cache")  # transformers 5.24's rename
+    @deprecate_kwarg("past_key_values", "5.40.0", new_name="cache")
     def forward(
         self,
         input_ids: torch.LongTensor | None = None,
@@ -606,7 +611,7 @@ class OmniMambaForConditionalGeneration(OmniMambaPreTrainedModel, OmniMambaGener
         image_flags: torch.Tensor | None = None,
         attention_mask: torch.Tensor | None = None,
         position_ids: torch.LongTensor | None = None,
-        cache_params: Cache | None = None,
+        cache: Cache | None = None,
         inputs_embeds: torch.FloatTensor | None = None,
         labels: torch.LongTensor | None = None,
         use_cache: bool | None = None,
@@ -627,7 +632,7 @@ class OmniMambaForConditionalGeneration(OmniMambaPreTrainedModel, OmniMambaGener
             image_flags=image_flags,
             attention_mask=attention_mask,
             position_ids=position_ids,
-            cache_params=cache_params,
+            cache=cache,
             inputs_embeds=inputs_embeds,
             use_cache=use_cache,
             task=task,
@@ -647,7 +652,7 @@ class OmniMambaForConditionalGeneration(OmniMambaPreTrainedModel, OmniMambaGener
         return OmniMambaCausalLMOutput(
             loss=loss,
             logits=logits,
-            cache_params=outputs.cache_params,
+            cache=outputs.cache,
             hidden_states=outputs.hidden_states,
             image_hidden_states=outputs.image_hidden_states,
             mmu_loss=mmu_loss,
@@ -659,7 +664,7 @@ class OmniMambaForConditionalGeneration(OmniMambaPreTrainedModel, OmniMambaGener
         input_ids,
         inputs_embeds=None,
         use_cache=None,
-        cache_params: Cache | None = None,
+        cache: Cache | None = None,
         attention_mask: torch.Tensor | None = None,
         is_first_iteration: bool | None = False,
         **kwargs,
@@ -668,7 +673,7 @@ class OmniMambaForConditionalGeneration(OmniMambaPreTrainedModel, OmniMambaGener
             input_ids,
             inputs_embeds=inputs_embeds,
             use_cache=use_cache,
-            cache_params=cache_params,
+            cache=cache,
             attention_mask=attention_mask,
             is_first_iteration=is_first_iteration,
             **kwargs,
