@@ -75,6 +75,27 @@ def test_second_run_uses_the_cache(demo_dir, capsys):
     assert (demo_dir / "model" / "model.safetensors").stat().st_mtime_ns == before
 
 
+def test_cached_model_gets_this_versions_remote_code(demo_dir, capsys):
+    from safetensors.torch import load_file
+
+    from omnimamba_hf.demo.cli import stale_exported_code
+
+    model_dir = demo_dir / "model"
+    weights = load_file(model_dir / "model.safetensors")
+    assert stale_exported_code(str(model_dir)) == []
+    # a cache written by an older package: an edited module and one the package no longer has
+    with open(model_dir / "modeling_omnimamba.py", "a", encoding="utf-8") as f:
+        f.write("\n# written by an older omnimamba-hf\n")
+    (model_dir / "retired_omnimamba.py").write_text("x = 1\n")
+    assert stale_exported_code(str(model_dir)) == ["modeling_omnimamba.py", "retired_omnimamba.py"]
+    assert cli_main(["demo", "--quick", "--output-dir", str(demo_dir), "--quiet", "--no-eval"]) == 0
+    assert "re-saving" in capsys.readouterr().out
+    assert stale_exported_code(str(model_dir)) == []
+    assert not (model_dir / "retired_omnimamba.py").exists()
+    again = load_file(model_dir / "model.safetensors")
+    assert weights.keys() == again.keys() and all(torch.equal(weights[k], again[k]) for k in weights)
+
+
 def test_auto_classes_and_generation(loaded):
     from omnimamba_hf import OmniMambaForConditionalGeneration
     from omnimamba_hf.processing import OmniMambaProcessor

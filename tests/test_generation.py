@@ -268,6 +268,93 @@ def test_static_decoder_streams_the_same_text(model, config):
     assert "".join(texts) == tokenizer.decode(out[0, ids.shape[1] :])
 
 
+def test_static_decoder_hands_what_it_does_not_implement_to_generation_mixin(model, config):
+    # a GenerationConfig asking for features outside the static loop's allow-list must not lose them on the fast path
+    from transformers import GenerationConfig
+
+    ids = torch.tensor([mmu_prompt(config, (5, 6, 7))])
+    base = dict(pixel_values=pixels(4), max_new_tokens=6, eos_token_id=None)
+    greedy = model.generate(ids, decoder="eager", **base)
+    banned = int(greedy[0, ids.shape[1]])  # the first greedy token
+    for decoder in ("eager", "static"):
+        out = model.generate(ids, decoder=decoder, generation_config=GenerationConfig(suppress_tokens=[banned]), **base)
+        assert banned not in out[0, ids.shape[1] :].tolist(), decoder
+    sampled = {}
+    for decoder in ("eager", "static"):
+        torch.manual_seed(7)
+        gen = GenerationConfig(do_sample=True, num_return_sequences=3, min_p=0.2)
+        sampled[decoder] = model.generate(ids, decoder=decoder, generation_config=gen, **base)
+    assert sampled["static"].shape == (3, ids.shape[1] + 6)
+    assert torch.equal(sampled["static"], sampled["eager"])
+
+
+def test_static_decoder_infers_the_padding_mask_like_generation_mixin(model, config):
+    a, b = mmu_prompt(config, (5, 6)), mmu_prompt(config, (5, 6, 7, 8, 9, 10))
+    pad = len(b) - len(a)
+    ids = torch.tensor([[config.pad_token_id] * pad + a, b])
+    kw = dict(pixel_values=torch.cat([pixels(1), pixels(2)]), max_new_tokens=6, eos_token_id=None)
+    eager, static = (model.generate(ids, decoder=d, **kw) for d in ("eager", "static"))
+    masked = model.generate(ids, decoder="static", attention_mask=(ids != config.pad_token_id).long(), **kw)
+    assert torch.equal(static, masked)
+    assert torch.equal(static, eager)
+    unmasked = model.generate(ids, decoder="static", attention_mask=torch.ones_like(ids), **kw)
+    assert not torch.equal(unmasked[0], masked[0])  # negative control: the pads count when the mask says so
+
+
+def test_length_arguments_are_checked_on_every_path(model, config):
+    from transformers import GenerationConfig
+
+    ids = torch.tensor([mmu_prompt(config, (5, 6, 7))])
+    for decoder in ("eager", "static"):
+        with pytest.raises(ValueError, match="leaves no room for new tokens"):
+            model.generate(ids, decoder=decoder, pixel_values=pixels(1), max_length=ids.shape[1])
+    # with no length set, the table's room goes into a copy of the user's config, not beside it as a kwarg
+    kwargs, gen = {}, GenerationConfig(do_sample=False)
+    used = model._check_text_length(ids.shape[1], gen, kwargs)
+    room = config.mmu_max_position_embeddings + 1 - ids.shape[1]
+    assert kwargs == {} and gen.max_new_tokens is None and used.max_new_tokens == room
+    assert model._check_text_length(ids.shape[1], None, kwargs) is None and kwargs == {"max_new_tokens": room}
+
+
+def test_image_generation_refuses_what_it_does_not_implement(model, config):
+    from transformers import GenerationConfig
+
+    ids = torch.tensor([t2i_prompt(config, (8, 9, 10)), t2i_prompt(config, (11,))])
+    n = config.num_generated_image_tokens
+    for bad in (dict(num_beams=2), dict(max_new_tokens=10), dict(min_p=0.5, do_sample=True), dict(suppress_tokens=[3])):
+        with pytest.raises(ValueError, match="Image generation does not support"):
+            model.generate(ids, generation_mode="image", **bad)
+        with pytest.raises(ValueError, match="Image generation does not support"):
+            model.generate(ids, generation_mode="image", generation_config=GenerationConfig(**bad))
+    assert model.generate(ids, generation_mode="image", max_new_tokens=n, num_beams=1).shape == (2, n)
+    with pytest.raises(ValueError, match="num_return_sequences"):
+        model.generate(ids, generation_mode="image", num_return_sequences=2)
+    torch.manual_seed(3)
+    several = model.generate(ids, generation_mode="image", do_sample=True, num_return_sequences=3, top_k=50)
+    assert several.shape == (6, n)
+    torch.manual_seed(3)
+    repeated = model.generate(ids.repeat_interleave(3, 0), generation_mode="image", do_sample=True, top_k=50)
+    assert torch.equal(several, repeated)  # prompt order: each prompt's images together
+
+
+def test_continuing_from_a_returned_cache(model, config):
+    ids = torch.tensor([mmu_prompt(config, (5, 6, 7))])
+    first = model.generate(ids, pixel_values=pixels(3), max_new_tokens=4, eos_token_id=None, return_dict_in_generate=True,
+                           decoder="eager")  # fmt: skip
+    turn = torch.tensor([[11, 12, 13]])
+    whole = torch.cat([first.sequences, turn], dim=-1)
+    # the cache holds every token but the last generated one: feed that one and the new turn
+    new = whole[:, first.sequences.shape[1] - 1 :]
+    cont = model.generate(new, attention_mask=torch.ones_like(whole), cache=first.cache, max_new_tokens=3,
+                          eos_token_id=None, output_logits=True, return_dict_in_generate=True)  # fmt: skip
+    fresh = model.generate(whole, pixel_values=pixels(3), max_new_tokens=3, eos_token_id=None, output_logits=True,
+                           return_dict_in_generate=True, decoder="eager")  # fmt: skip
+    torch.testing.assert_close(cont.logits[0], fresh.logits[0], rtol=1e-4, atol=1e-4)
+    assert torch.equal(cont.sequences[:, new.shape[1] :], fresh.sequences[:, whole.shape[1] :])
+    with pytest.raises(ValueError, match="position 0 is fed again"):  # the whole conversation on top of the state
+        model.generate(whole, attention_mask=torch.ones_like(whole), cache=first.cache, max_new_tokens=3)
+
+
 def test_cuda_graph_decoder_needs_cuda(model, config):
     if torch.cuda.is_available():
         pytest.skip("has CUDA")

@@ -319,6 +319,24 @@ def test_image_input_kinds(tmp_path):
     grey = np.asarray(image.convert("L"))
     torch.testing.assert_close(processor(grey)["pixel_values"], processor(image.convert("L"))["pixel_values"])
 
+    # 16-bit and float images carry the same picture at another depth: read at their range, not clipped to white
+    expected_grey = processor(image.convert("L"))["pixel_values"]
+    grey16 = grey.astype(np.uint16) * 257
+    wide = {
+        "numpy_uint16": grey16,
+        "pil_I;16": Image.fromarray(grey16),  # how Pillow opens a 16-bit greyscale PNG
+        "png_16bit_file": Image.open(io.BytesIO(png_bytes(Image.fromarray(grey16)))),
+        "pil_I": Image.fromarray(grey16.astype(np.int32), mode="I"),
+        "pil_F_unit": Image.fromarray(grey.astype(np.float32) / 255.0, mode="F"),
+    }
+    for name, value in wide.items():
+        assert np.asarray(value).dtype != np.uint8, name
+        torch.testing.assert_close(processor(value)["pixel_values"], expected_grey, atol=1e-6, rtol=0, msg=name)
+    assert float(processor(wide["pil_I;16"])["pixel_values"].mean()) < 0.9  # the old `.convert("RGB")` gave ≈ white
+    for bad, match in ((grey.astype(np.float32) * 2.0 - 300.0, "Float image values"), (grey16.astype(np.int64) * 4, "Integer")):
+        with pytest.raises(ValueError, match=match):
+            processor(bad)
+
     # through the processor and the chat template: path and base64 content items
     proc = tiny_processor()
     for item in ({"type": "image", "path": str(path)}, {"type": "image", "url": str(path)}, {"type": "image", "base64": encoded}):

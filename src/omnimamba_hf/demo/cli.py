@@ -17,6 +17,7 @@ model.
 from __future__ import annotations
 
 import argparse
+import filecmp
 import json
 import os
 import sys
@@ -43,6 +44,33 @@ def _cached_recipe(output_dir: str) -> dict | None:
             return json.load(f)
     except (OSError, ValueError):
         return None
+
+
+def stale_exported_code(model_dir: str) -> list[str]:
+    """The `trust_remote_code` files in a saved directory that differ from this package's modules of the same name
+    (a cache written by an older version of the package)."""
+    import omnimamba_hf
+
+    root = os.path.dirname(os.path.abspath(omnimamba_hf.__file__))
+    stale = []
+    for name in sorted(os.listdir(model_dir)):
+        if not name.endswith(".py"):
+            continue
+        sources = [os.path.join(root, sub, name) for sub in ("modeling", "processing")]
+        source = next((path for path in sources if os.path.isfile(path)), None)
+        if source is None or not filecmp.cmp(source, os.path.join(model_dir, name), shallow=False):
+            stale.append(name)
+    return stale
+
+
+def refresh_exported_code(model_dir: str) -> None:
+    """Re-save a cached model with this package's code (the weights are unchanged), so that loading it with
+    `trust_remote_code=True` where the package is not installed runs the code that wrote it."""
+    model, processor = load_model(model_dir, device="cpu")
+    for name in stale_exported_code(model_dir):
+        os.remove(os.path.join(model_dir, name))  # modules the package no longer has are not left behind
+    model.save_pretrained(model_dir)
+    processor.save_pretrained(model_dir)
 
 
 class _threads:
@@ -119,6 +147,9 @@ def _demo(args) -> int:
     start = time.time()
     if usable and not args.force:
         print(f"Using the cached demo model in {demo_model_dir(output_dir)} (--force retrains).", flush=True)
+        if stale_exported_code(demo_model_dir(output_dir)):
+            print("Its trust_remote_code files are from another version of omnimamba-hf; re-saving them.", flush=True)
+            refresh_exported_code(demo_model_dir(output_dir))
         train_report = cached
     else:
         if cached is not None and not args.force:

@@ -58,11 +58,24 @@ _GRAPH_CACHES = (
 logger = logging.get_logger(__name__)
 
 DECODERS = ("auto", "eager", "static", "cuda_graph")
-# generate() arguments the lean static/graph text loop implements; anything else goes through GenerationMixin.
-_STATIC_TEXT_ARGS = {
-    "input_ids", "attention_mask", "pixel_values", "image_flags", "max_new_tokens", "max_length", "do_sample",
-    "temperature", "top_k", "top_p", "repetition_penalty", "eos_token_id", "pad_token_id", "streamer",
-    "logits_processor", "return_dict_in_generate", "output_scores", "output_logits", "task", "use_cache",
+# generate() arguments that are model inputs or loop helpers (not GenerationConfig fields) which the lean static/graph
+# text loop implements; any other argument goes through GenerationMixin.
+_STATIC_TEXT_INPUTS = {
+    "input_ids", "attention_mask", "pixel_values", "image_flags", "streamer", "logits_processor", "task", "use_cache",
+}  # fmt: skip
+# GenerationConfig fields the static/graph text loop implements (an allow-list: a field set to anything else, e.g.
+# num_return_sequences, min_p or suppress_tokens, sends the call through GenerationMixin, which implements it).
+_STATIC_TEXT_FIELDS = {
+    "max_new_tokens", "max_length", "do_sample", "temperature", "top_k", "top_p", "repetition_penalty",
+    "eos_token_id", "pad_token_id", "bos_token_id", "return_dict_in_generate", "output_scores", "output_logits",
+    "use_cache", "transformers_version", "_from_model_config",
+}  # fmt: skip
+# What image generation implements (it always makes `num_generated_image_tokens` tokens; eos / pad / bos and the MMU
+# length settings of the model's own generation config do not apply to it).
+_IMAGE_FIELDS = {
+    "do_sample", "temperature", "top_k", "top_p", "repetition_penalty", "num_return_sequences",
+    "return_dict_in_generate", "output_scores", "output_logits", "use_cache", "eos_token_id", "pad_token_id",
+    "bos_token_id", "transformers_version", "_from_model_config",
 }  # fmt: skip
 
 
@@ -75,20 +88,20 @@ def omnimamba_generation_config(config) -> GenerationConfig:
     )
 
 
-def _plain(generation_config) -> bool:
-    """True when the generation config asks for nothing beyond what the static text loop implements."""
-    g = generation_config
-    return (
-        (g.num_beams or 1) == 1
-        and not g.min_new_tokens
-        and not g.min_length
-        and not g.no_repeat_ngram_size
-        and not g.bad_words_ids
-        and not g.stop_strings
-        and g.forced_eos_token_id is None
-        and not g.output_hidden_states
-        and not g.output_attentions
-    )
+def _fields_set(generation_config, kwargs) -> tuple[GenerationConfig, set[str]]:
+    """`(the config with the call's generation kwargs applied, the names of its fields that differ from transformers'
+    defaults and of the kwargs that are not GenerationConfig fields)`."""
+    g = copy.deepcopy(generation_config)
+    unknown = g.update(**{k: v for k, v in kwargs.items() if k not in _STATIC_TEXT_INPUTS})
+    return g, set(g.to_diff_dict()) | set(unknown)
+
+
+def _plain(generation_config, kwargs) -> bool:
+    """True when the call (its config and kwargs) asks for nothing beyond what the static text loop implements."""
+    g, fields = _fields_set(generation_config, kwargs)
+    # num_beams / num_return_sequences == 1 are the defaults written out (e.g. by the pipeline)
+    fields -= {name for name in ("num_beams", "num_return_sequences") if (getattr(g, name) or 1) == 1}
+    return fields <= _STATIC_TEXT_FIELDS
 
 
 # Logits warpers that ignore the tokens so far and run without host syncs: a decode that needs only these (greedy,
@@ -161,9 +174,9 @@ class OmniMambaGenerationMixin(GenerationMixin):
             raise ValueError("Text generation runs the 'mmu' task; for images use generation_mode='image'.")
         input_ids = inputs if inputs is not None else kwargs.get("input_ids")
         if input_ids is not None:
-            self._check_text_length(input_ids.shape[-1], generation_config, kwargs)
+            generation_config = self._check_text_length(input_ids.shape[-1], generation_config, kwargs)
             gen = generation_config if generation_config is not None else self.generation_config
-            if decoder != "eager" and set(kwargs) <= _STATIC_TEXT_ARGS and kwargs.get("use_cache", True) and _plain(gen):
+            if decoder != "eager" and kwargs.get("use_cache", True) and _plain(gen, kwargs):
                 kwargs.pop("input_ids", None)
                 return self._generate_text_static(input_ids, generation_config, decoder, **kwargs)
         return super().generate(inputs, generation_config=generation_config, **kwargs)
@@ -283,8 +296,12 @@ class OmniMambaGenerationMixin(GenerationMixin):
         eos = [] if eos is None else [eos] if isinstance(eos, int) else list(eos)
         pad = generation_config.pad_token_id if generation_config.pad_token_id is not None else (eos[0] if eos else 0)
         processors = self._logits_processors(generation_config, logits_processor)
-        if attention_mask is None:
-            attention_mask = torch.ones_like(input_ids)
+        if attention_mask is None:  # inferred from the padding as GenerationMixin does (pad ids that are not eos)
+            pad_id = generation_config.pad_token_id
+            if pad_id is not None and pad_id not in eos and bool((input_ids == pad_id).any()):
+                attention_mask = (input_ids != pad_id).long()
+            else:
+                attention_mask = torch.ones_like(input_ids)
         position_ids = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
         logits, cache = self._omnimamba_prefill(
             input_ids, "mmu", decoder, pixel_values, image_flags, attention_mask=attention_mask, position_ids=position_ids
@@ -339,7 +356,9 @@ class OmniMambaGenerationMixin(GenerationMixin):
             )
         return sequences
 
-    def _check_text_length(self, prompt_length: int, generation_config, kwargs) -> None:
+    def _check_text_length(self, prompt_length: int, generation_config, kwargs):
+        """Refuse lengths past the MMU position table before any work; with no length set, generate as long as the
+        table allows. Returns the generation config to use (a copy when it sets the length itself)."""
         rows = self.config.mmu_max_position_embeddings
         room = rows + 1 - prompt_length
         if room < 1:
@@ -350,16 +369,27 @@ class OmniMambaGenerationMixin(GenerationMixin):
         gen = generation_config if generation_config is not None else self.generation_config
         max_new = kwargs.get("max_new_tokens", gen.max_new_tokens)
         max_length = kwargs.get("max_length", None if max_new is not None else gen.max_length)
-        if max_new is None and max_length is None:
-            kwargs["max_new_tokens"] = room  # as long as the position table allows
-            return
+        if max_new is None and max_length is None:  # as long as the position table allows
+            if generation_config is None:
+                kwargs["max_new_tokens"] = room
+                return None
+            generation_config = copy.deepcopy(generation_config)  # not a kwarg beside a config (deprecated in 5.x)
+            generation_config.max_new_tokens = room
+            return generation_config
         asked = max_new if max_new is not None else max_length - prompt_length
+        if asked < 1:
+            raise ValueError(
+                f"max_length={max_length} leaves no room for new tokens after the {prompt_length}-position prompt: "
+                "set max_new_tokens (the number of tokens to generate) instead."
+            )
         if asked > room:
             raise ValueError(
                 f"Asked for {asked} new tokens after a {prompt_length}-position prompt, but the MMU position table "
-                f"({rows} rows, image slots included) leaves room for at most {room}. Pass max_new_tokens <= {room}, "
-                "or leave the length unset to generate as long as the table allows."
+                f"({rows} rows, image slots included) leaves room for at most {room}. Pass max_new_tokens <= {room} "
+                "(pipeline('image-text-to-text') asks for 256 unless given max_new_tokens), or leave the length unset "
+                "in a direct generate() call to generate as long as the table allows."
             )
+        return generation_config
 
     # -- T2I ----------------------------------------------------------------------------------------------------------
 
@@ -380,8 +410,10 @@ class OmniMambaGenerationMixin(GenerationMixin):
 
         input_ids (`torch.LongTensor` of shape `(batch, prompt_length)`): T2I prompts (72 ids for the released model).
         generation_config / kwargs: `do_sample` (default False: greedy, as the original), `temperature`, `top_k`,
-            `top_p`, `return_dict_in_generate`, `output_scores`, `output_logits`. Logits processors see the image
-            *codes* generated so far (so e.g. a repetition penalty indexes the 16384 image logits correctly).
+            `top_p`, `repetition_penalty`, `num_return_sequences` (with sampling: that many images per prompt, in
+            prompt order), `return_dict_in_generate`, `output_scores`, `output_logits`; anything else (beams, lengths
+            other than 256 tokens, …) raises. Logits processors see the image *codes* generated so far (so e.g. a
+            repetition penalty indexes the 16384 image logits correctly).
         guidance_scale (`float`, *optional*): classifier-free guidance, an extension not in the original:
             `uncond + scale · (cond − uncond)` with the caption slots replaced by `[PAD]` for the unconditional half.
         attention_mask: accepted for API symmetry; T2I prompts are never padded (their `[PAD]` slots are real inputs).
@@ -406,11 +438,32 @@ class OmniMambaGenerationMixin(GenerationMixin):
             )
         if bool((input_ids >= config.text_vocab_size).any()):
             raise ValueError("T2I prompts hold text ids only.")
+        kwargs.pop("task", None)
+        asked = set(kwargs) | (set(generation_config.to_diff_dict()) if generation_config is not None else set())
         generation_config = copy.deepcopy(generation_config if generation_config is not None else self.generation_config)
         unused = generation_config.update(**kwargs)
-        unused.pop("task", None)
         if unused:
             raise ValueError(f"Unsupported arguments for image generation: {sorted(unused)}.")
+        g = generation_config
+        unsupported = {
+            name for name in asked - _IMAGE_FIELDS
+            if not (name == "num_beams" and (g.num_beams or 1) == 1)
+            and not (name == "max_new_tokens" and g.max_new_tokens == n_tokens)
+            and not (name == "max_length" and g.max_length == prompt_length + n_tokens)
+        }  # fmt: skip
+        if unsupported:
+            raise ValueError(
+                f"Image generation does not support {sorted(unsupported)}: it always makes {n_tokens} image tokens per "
+                f"prompt and implements {sorted(_IMAGE_FIELDS - {'transformers_version', '_from_model_config'})}."
+            )
+        copies = g.num_return_sequences or 1
+        if copies > 1:
+            if not g.do_sample:
+                raise ValueError(
+                    f"num_return_sequences={copies} needs do_sample=True (greedy decoding gives the same image each time)."
+                )
+            input_ids = input_ids.repeat_interleave(copies, dim=0)
+            batch = input_ids.shape[0]
         processors = self._logits_processors(generation_config, logits_processor)
         decoder = self._resolve_decoder(decoder)
         cfg = guidance_scale is not None and guidance_scale != 1.0

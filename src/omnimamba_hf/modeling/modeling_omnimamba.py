@@ -478,11 +478,19 @@ class OmniMambaModel(OmniMambaPreTrainedModel):
         if not use_cache:
             cache = None
 
-        if position_ids is None and cache is not None and cache.has_previous_state():
-            raise ValueError(
-                "position_ids are required when continuing from cache (the learned position tables need the "
-                "absolute position of each new token)."
-            )
+        if cache is not None and cache.has_previous_state():
+            if position_ids is None:
+                raise ValueError(
+                    "position_ids are required when continuing from cache (the learned position tables need the "
+                    "absolute position of each new token)."
+                )
+            if not is_torchdynamo_compiling() and bool((position_ids == 0).any()):
+                # e.g. generate(input_ids=whole conversation, cache=out.cache): the state already holds the start
+                raise ValueError(
+                    "The cache already holds the start of the sequence, but position 0 is fed again. Feed only the "
+                    "new tokens: generate(input_ids=new_tokens, attention_mask=mask over cached + new tokens, "
+                    "cache=cache), or position_ids that continue the cached positions."
+                )
         # continuing from a state without images: the new ids were generated, placeholders included (see above)
         generated_ids = pixel_values is None and cache is not None and cache.has_previous_state()
         inputs_embeds, image_hidden_states = self.build_inputs_embeds(

@@ -171,6 +171,8 @@ class OmniMambaImageProcessor(PilBackend):
             image = _array_to_pil(image)
         if not isinstance(image, PIL.Image.Image):
             raise TypeError(f"Unsupported image type {type(image).__name__}.")
+        if image.mode in _WIDE_MODES:  # 16-bit / 32-bit / float images: `.convert("RGB")` would clip them to white
+            image = _array_to_pil(np.asarray(image))
         width, height = image.size
         if width == 0 or height == 0:
             raise ValueError(f"Image has zero size ({width} × {height}).")
@@ -258,9 +260,38 @@ def _normalize(pixels: np.ndarray, mean, std) -> np.ndarray:
     return (pixels - mean) / std
 
 
+# PIL modes whose values are not 8-bit: read through numpy and scaled to 8 bits like arrays (16-bit PNGs open as I;16)
+_WIDE_MODES = ("I", "I;16", "I;16L", "I;16B", "I;16N", "F")
+
+
+def _to_uint8(array: np.ndarray) -> np.ndarray:
+    """8-bit values of an image array (the original only ever sees 8-bit images): uint16 and integers above 255 are
+    read as 16-bit (÷ 257), other integers as 8-bit; floats as [0, 1] when their max is ≤ 1, else as [0, 255].
+    Anything outside these ranges is refused rather than clipped."""
+    if array.dtype == np.uint8:
+        return array
+    if array.dtype == np.bool_:
+        return array.astype(np.uint8) * 255
+    if not (np.issubdtype(array.dtype, np.integer) or np.issubdtype(array.dtype, np.floating)):
+        raise ValueError(f"Cannot read an array of dtype {array.dtype} as an image.")
+    values = array.astype(np.float64)
+    if not np.isfinite(values).all():
+        raise ValueError("The image array holds NaN or infinite values.")
+    low, high = values.min(), values.max()
+    if np.issubdtype(array.dtype, np.integer):
+        wide = array.dtype == np.uint16 or high > 255
+        if low < 0 or high > (65535 if wide else 255):
+            raise ValueError(f"Integer image values span [{low:g}, {high:g}]; expected [0, 255] or 16-bit [0, 65535].")
+        values = values / 257.0 if wide else values
+    else:
+        if low < 0 or high > 255:
+            raise ValueError(f"Float image values span [{low:g}, {high:g}]; expected [0, 1] or [0, 255].")
+        values = values * 255.0 if high <= 1.0 else values
+    return np.clip(np.round(values), 0, 255).astype(np.uint8)
+
+
 def _array_to_pil(array: np.ndarray) -> PIL.Image.Image:
-    """HWC / CHW / HW array → PIL. Floats with max ≤ 1 are read as [0, 1] and scaled by 255; values are rounded and
-    clipped to uint8 (the original only ever sees 8-bit images)."""
+    """HWC / CHW / HW array → 8-bit PIL image (`_to_uint8` says how values are read)."""
     if array.ndim == 3 and array.shape[-1] not in (1, 3, 4) and array.shape[0] in (1, 3, 4):
         array = array.transpose(1, 2, 0)
     if array.ndim == 3 and array.shape[-1] == 1:
@@ -269,12 +300,7 @@ def _array_to_pil(array: np.ndarray) -> PIL.Image.Image:
         raise ValueError(f"Cannot read an array of shape {array.shape} as an image (expected HW, HWC or CHW).")
     if array.size == 0:
         raise ValueError(f"Image has zero size (array shape {array.shape}).")
-    if array.dtype != np.uint8:
-        array = array.astype(np.float64)
-        if array.max() <= 1.0:
-            array = array * 255.0
-        array = np.clip(np.round(array), 0, 255).astype(np.uint8)
-    return PIL.Image.fromarray(array)
+    return PIL.Image.fromarray(_to_uint8(array))
 
 
 __all__ = ["OmniMambaImageProcessor", "MAX_IMAGE_PIXELS", "load_image"]
