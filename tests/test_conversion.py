@@ -12,6 +12,7 @@ behind.
 from __future__ import annotations
 
 import json
+import os
 import warnings
 from pathlib import Path
 
@@ -578,9 +579,28 @@ def test_existing_output_and_overwrite(tmp_path, release):
     with pytest.raises(ValueError, match="already exists"):
         _cli(release, out)
     assert (out / "keep.txt").exists()
+    # --overwrite replaces an earlier conversion or an empty directory, never other files
+    with pytest.raises(ValueError, match="not an earlier conversion"):
+        _cli(release, out, "--overwrite")
+    assert (out / "keep.txt").read_text() == "x" and [p.name for p in tmp_path.iterdir()] == ["existing"]
+    (out / "keep.txt").unlink()
     assert _cli(release, out, "--overwrite") == 0
-    assert not (out / "keep.txt").exists() and (out / "config.json").exists()
+    first = (out / "conversion_report.json").read_text()
+    assert _cli(release, out, "--overwrite", "--dtype", "bfloat16") == 0  # an earlier conversion is replaced
+    assert (out / "conversion_report.json").read_text() != first
     assert [p.name for p in tmp_path.iterdir()] == ["existing"]
+    umask = os.umask(0)
+    os.umask(umask)
+    assert (out.stat().st_mode & 0o777) == 0o777 & ~umask  # not mkdtemp's 0700
+
+
+def test_output_holding_an_input_is_refused(tmp_path, release):
+    root = Path(release["checkpoint"]).parent
+    before = sorted(p.name for p in root.iterdir())
+    for output in (root, root.parent):
+        with pytest.raises(ValueError, match="inside the output directory"):
+            _cli(release, output, "--overwrite")
+    assert sorted(p.name for p in root.iterdir()) == before
 
 
 def test_atomic_output_dir_cleans_up_on_any_exception(tmp_path):

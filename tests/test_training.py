@@ -493,6 +493,13 @@ def test_training_reduces_both_losses_and_logs_them_separately(config, processor
     metrics = trainer.evaluate(eval_dataset=trainer.train_dataset)  # one pass over each stream, no cycling
     assert {"eval_loss", "eval_loss_mmu", "eval_loss_t2i"} <= set(metrics)
     assert metrics["eval_loss_mmu"] < history["loss_mmu"][0] and metrics["eval_loss_t2i"] < history["loss_t2i"][0]
+    # the eval loss is the training loss's definition (sum of the task means), not Trainer's mean over batches, which
+    # weights the tasks by batch count when the streams are unequal: here one MMU batch against two T2I ones
+    mmu, t2i = datasets_
+    uneven = MixedTaskDataset(mmu=mmu.select(range(2)), t2i=t2i, image_root=str(data_dir / "images"))
+    assert len(t2i) >= 2 * 4  # two T2I batches of 4, one MMU batch
+    metrics = trainer.evaluate(eval_dataset=uneven)
+    assert math.isclose(metrics["eval_loss"], metrics["eval_loss_mmu"] + metrics["eval_loss_t2i"], rel_tol=1e-5)
 
     # weight decay groups: matrices decayed; A_log, D, dt_bias, norms, biases, position tables not
     decay = set(trainer.get_decay_parameter_names(model))
@@ -582,6 +589,8 @@ def test_user_lora_trains_saves_and_round_trips(config, processor, datasets_, da
     peft_model = get_omnimamba_lora_model(new_model(config), r=4, lora_alpha=8)
     targeted = peft_model.base_model.targeted_module_names
     assert len(targeted) == config.text_config.num_hidden_layers and all(t.endswith("mixer.in_proj") for t in targeted)
+    with pytest.raises(ValueError, match="PEFT model never saves"):  # a stage would train base weights lost at save
+        make_trainer(config, processor, datasets_, data_dir, tmp_path / "run", model=peft_model, max_steps=3)
     trainer = make_trainer(config, processor, datasets_, data_dir, tmp_path / "run", model=peft_model, stage=None, max_steps=3)
     assert trainer.stage is None
     trainer.train()
@@ -671,6 +680,9 @@ def test_config_precedence_and_original_yaml(tmp_path):
     _, data_args, args = parse_training_args(["--config", str(tmp_path / "orig.yaml"), "--max_steps", "7"])
     assert args.max_steps == 7 and args.learning_rate == 1e-4 and data_args.t2i_data.endswith("train2014.jsonl")
     assert args.task_batch_sizes == {"mmu": 3, "t2i": 48}
+    # `--stage none` clears the YAML's stage (no preset hyper-parameters, requires_grad as loaded)
+    _, _, args = parse_training_args(["--config", str(tmp_path / "orig.yaml"), "--stage", "none"])
+    assert args.stage is None and args.adam_beta2 == 0.999
     (tmp_path / "bad.yaml").write_text("stage: stage2\nlearning_rat: 1.0\n")
     with pytest.raises(ValueError, match="learning_rat"):
         parse_training_args(["--config", str(tmp_path / "bad.yaml")])

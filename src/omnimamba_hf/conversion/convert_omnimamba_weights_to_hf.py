@@ -964,6 +964,9 @@ def model_card(config: OmniMambaConfig, report: dict, base_model: str | None) ->
 # ---- atomic output ---------------------------------------------------------------------------------------------------
 
 
+CONVERSION_REPORT = "conversion_report.json"  # also what marks a directory as a conversion that --overwrite may replace
+
+
 @contextlib.contextmanager
 def atomic_output_dir(final: str | os.PathLike, overwrite: bool = False) -> Iterator[Path]:
     """Yield a fresh temporary directory next to `final`; on normal exit move it to `final` with `os.replace` (an
@@ -972,12 +975,20 @@ def atomic_output_dir(final: str | os.PathLike, overwrite: bool = False) -> Iter
     final = Path(final).absolute()
     if final.exists() and not overwrite:
         raise ValueError(f"{final} already exists; pass overwrite=True (--overwrite) to replace it.")
+    if final.exists() and (not final.is_dir() or any(final.iterdir())) and not (final / CONVERSION_REPORT).is_file():
+        raise ValueError(
+            f"{final} is not empty and is not an earlier conversion (no {CONVERSION_REPORT}): --overwrite only "
+            "replaces a converted directory. Choose a new output directory, or remove this one yourself."
+        )
     created = []
     for parent in reversed(final.parents):
         if not parent.exists():
             parent.mkdir()
             created.append(parent)
     tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.partial-", dir=final.parent))
+    umask = os.umask(0)
+    os.umask(umask)
+    tmp.chmod(0o777 & ~umask)  # mkdtemp makes it 0700; the output gets the permissions of any new directory
     try:
         yield tmp
         if final.exists():
@@ -1241,6 +1252,11 @@ def convert_omnimamba_checkpoint(
     target = Path(output_dir).absolute()
     if target.exists() and not overwrite:
         raise ValueError(f"{target} already exists; pass --overwrite to replace it.")
+    for name, source in (("checkpoint", checkpoint), ("dino", dino), ("siglip", siglip), ("vq", vq), ("tokenizer", tokenizer)):
+        if isinstance(source, (str, os.PathLike)) and os.path.exists(source):
+            path = Path(source).absolute()
+            if path == target or target in path.parents:
+                raise ValueError(f"--{name} {path} lies inside the output directory {target}: choose another output.")
     base_tok = _load_base_tokenizer(tokenizer)
 
     if isinstance(checkpoint, OriginalWeights):
@@ -1294,7 +1310,7 @@ def convert_omnimamba_checkpoint(
                 tmp, original, converted=converted, dtype=_VERIFY_DTYPES[verify_dtype], device=verify_device,
                 rtol=verify_rtol, progress=progress,
             )  # fmt: skip
-        (tmp / "conversion_report.json").write_text(json.dumps(report, indent=1) + "\n")
+        (tmp / CONVERSION_REPORT).write_text(json.dumps(report, indent=1) + "\n")
         (tmp / "README.md").write_text(model_card(config, report, base_model))
     logger.info("wrote %s", target)
 

@@ -202,8 +202,6 @@ def train_main(argv: list[str] | None = None) -> int:
             lora_dropout=model_args.lora_dropout,
             target_modules=[t.strip() for t in model_args.lora_target_modules.split(",") if t.strip()],
         )
-        if training_args.stage is not None:
-            logger.warning("A user LoRA with a stage preset: the preset also unfreezes base parameters.")
 
     train_dataset, mmu_format = build_datasets(data_args, training_args, model, processor)
     base_config = model.get_base_model().config if hasattr(model, "get_base_model") else model.config

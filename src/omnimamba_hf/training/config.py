@@ -112,6 +112,8 @@ class OmniMambaTrainingArguments(TrainingArguments):
     remove_unused_columns: bool = field(default=False, metadata={"help": "Kept False: the collator needs raw records."})
 
     def __post_init__(self):
+        if isinstance(self.stage, str) and self.stage.strip().lower() in ("", "none", "null"):
+            self.stage = None  # `--stage none` clears a stage set in the YAML file
         if self.stage is not None:
             preset = get_stage(self.stage)
             self.stage = preset.name
@@ -208,6 +210,8 @@ def parse_training_args(argv: list[str] | None = None) -> tuple[ModelArguments, 
     values = load_yaml_config(known.config) if known.config else {}
     if known.stage is not None:
         values["stage"] = known.stage
+    if str(values.get("stage", "")).strip().lower() in ("none", "null"):
+        values["stage"] = None  # `--stage none`: no preset, whatever the YAML says (e.g. a LoRA run)
     unknown = sorted(set(values) - field_names())
     if unknown:
         raise ValueError(f"Unknown training config keys {unknown} in {known.config}.")

@@ -115,6 +115,13 @@ class OmniMambaTrainer(Trainer):
 
             args = OmniMambaTrainingArguments(output_dir="trainer_output")
         self.stage = get_stage(stage or args.stage).name if (stage or getattr(args, "stage", None)) else None
+        if self.stage is not None and model is not None and hasattr(model, "peft_config"):
+            # a stage unfreezes base parameters, but a PEFT model saves (and checkpoints) its adapter only
+            raise ValueError(
+                f"Stage preset {self.stage!r} with a PEFT model: the preset would train base parameters that the PEFT "
+                "model never saves, so their training would be lost. Train the LoRA alone with no stage "
+                "(`--stage none` on the command line, stage=None here), or train the stage without the LoRA."
+            )
         self.stage_report = None
         self._eval_modules: list[nn.Module] = []
         if self.stage is not None and model is not None:
@@ -263,7 +270,13 @@ class OmniMambaTrainer(Trainer):
         output = super().evaluation_loop(
             dataloader, description, prediction_loss_only=True, ignore_keys=ignore_keys, metric_key_prefix=metric_key_prefix
         )
-        output.metrics.update(self._drain_task_losses("eval", f"{metric_key_prefix}_loss_"))
+        per_task = self._drain_task_losses("eval", f"{metric_key_prefix}_loss_")
+        output.metrics.update(per_task)
+        if per_task:
+            # The eval stream is not cycled, so its batches hold unequal task mixes and Trainer's mean over batches
+            # would weight the tasks by their batch counts. The loss is the sum of the per-task means, as in training
+            # (spec §4.6), and so is what metric_for_best_model="loss" selects on.
+            output.metrics[f"{metric_key_prefix}_loss"] = round(sum(per_task.values()), 6)
         return output
 
     def floating_point_ops(self, inputs) -> int:
