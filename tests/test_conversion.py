@@ -253,6 +253,9 @@ def test_output_directory_contents(converted_dir, tiny):
     assert report["dtype"] == "float32" and report["source_dtypes"] == ["float16", "float32"]
     assert all(r["passed"] for r in report["verification"].values())
     assert report["ignored_input_entries"] == {"timm-siglip": 3}  # open_clip text tower / logit scale+bias
+    assert report["geometry"] == {"mamba_layers": tiny.text_config.num_hidden_layers,
+                                  "dinov2_blocks": tiny.vision_config.dino_config.num_hidden_layers,
+                                  "siglip_blocks": tiny.vision_config.siglip_config.num_hidden_layers}  # fmt: skip
     # the stored tensors: no tied duplicates, DINOv2 saved in transformers' on-disk naming
     index = json.loads((converted_dir / "model.safetensors.index.json").read_text())["weight_map"]
     assert "lm_head.weight" not in index and "image_head.weight" not in index
@@ -413,6 +416,16 @@ def test_dtype_bfloat16(tmp_path, release):
     assert json.loads((out / "config.json").read_text())["dtype"] == "bfloat16"
 
 
+def test_config_overrides_are_checked_field_by_field(tmp_path, release):
+    for bad, name in (({"foo_bar": 1}, "'foo_bar'"), ({"text_config": {"num_head": 2}}, "'text_config.num_head'")):
+        with pytest.raises(ValueError, match=f"{name} is not an OmniMambaConfig field"):
+            _cli(release, tmp_path / "bad", "--config-overrides", json.dumps(bad))
+        assert not (tmp_path / "bad").exists()
+    out = tmp_path / "ok"
+    _cli(release, out, "--config-overrides", json.dumps({"t2i_caption_length": 6, "text_config": {"time_step_floor": 2e-4}}))
+    assert json.loads((out / "config.json").read_text())["text_config"]["time_step_floor"] == 2e-4
+
+
 def test_push_to_hub_uses_upload_folder(tmp_path, release, monkeypatch):
     calls = []
 
@@ -475,6 +488,11 @@ def test_wrong_files(tmp_path, release):
     assert "missing keys ['cls_token'" in msg or "cls_token" in msg
 
 
+def test_converted_directory_given_as_checkpoint(tmp_path, release, converted_dir):
+    msg = _refused({**release, "checkpoint": converted_dir}, tmp_path, "holds no OmniMamba language model")
+    assert "already converted Hugging Face OmniMamba checkpoint" in msg and "--vq" not in msg
+
+
 def test_missing_tower(tmp_path, release):
     msg = _refused({**release, "siglip": None}, tmp_path, "The SigLIP tower is missing")
     assert "vision_backbone.siglip_featurizer." in msg and "--siglip" in msg
@@ -514,6 +532,23 @@ def test_extra_and_missing_keys(tmp_path, original, release):
     torch.save({"model": vq}, tmp_path / "vq.pt")
     msg = _refused({**release, "vq": tmp_path / "vq.pt"}, tmp_path, "LlamaGen VQ")
     assert "decoder.conv_blocks.0.res.0.extra.weight" in msg
+
+
+def test_checkpoint_cut_after_a_layer_is_flagged(tmp_path, original, release, caplog):
+    lm = {k: v for k, v in original["lm"].items() if ".layers.1." not in k}  # the tiny model's last Mamba layer
+    out = tmp_path / "cut"
+    with caplog.at_level("WARNING", logger="omnimamba_hf.conversion"):
+        _cli({**release, "checkpoint": _write_ckpt(tmp_path, lm)}, out)
+    assert "if this is meant to be the released checkpoint, it is truncated" in caplog.text
+    assert json.loads((out / "conversion_report.json").read_text())["geometry"]["mamba_layers"] == 1
+
+
+def test_non_finite_source_values_are_named(tmp_path, original, release):
+    lm = dict(original["lm"])
+    lm[f"{LM}backbone.layers.1.mixer.D"] = lm[f"{LM}backbone.layers.1.mixer.D"].clone()
+    lm[f"{LM}backbone.layers.1.mixer.D"][0] = float("nan")
+    msg = _refused({**release, "checkpoint": _write_ckpt(tmp_path, lm)}, tmp_path, "NaN or infinite")
+    assert f"{LM}backbone.layers.1.mixer.D" in msg
 
 
 def test_tied_copy_must_equal_its_source(tmp_path, original, release):

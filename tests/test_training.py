@@ -318,6 +318,20 @@ def test_align_collator_matches_the_hand_built_layout(config, processor):
     full = tok(processor, long[1]["value"].strip() + "<|endoftext|>")
     assert cut["input_ids"][0, -TEXT_LEN:].tolist() == full[:TEXT_LEN] == cut["labels"][0, -TEXT_LEN:].tolist()
 
+def test_data_prepared_for_one_format_is_refused_by_the_other(config, processor, data_dir):
+    # stage 1 (align) trains on captions, stage 2 (finetune) on conversations: pre-tokenised text must match
+    raw = load_llava_dataset(str(data_dir / "llava.json"))
+    root = str(data_dir / "images")
+    for prepared_as, collated_as in (("finetune", "align"), ("align", "finetune")):
+        data = prepare_mmu_dataset(raw, processor, config, mmu_format=prepared_as, max_text_length=TEXT_LEN, image_root=root)
+        record = {"task": "mmu", **data[0]}
+        ok = OmniMambaDataCollator(config, processor, mmu_format=prepared_as, max_text_length=TEXT_LEN, image_root=root)
+        assert ok([record])["mmu"]["input_ids"].shape[0] == 1
+        wrong = OmniMambaDataCollator(config, processor, mmu_format=collated_as, max_text_length=TEXT_LEN, image_root=root)
+        with pytest.raises(ValueError, match=f"tokenised for mmu_format='{prepared_as}'"):
+            wrong([record])
+
+
 
 def test_t2i_collator_matches_the_hand_built_layout(config, processor):
     c = config
@@ -680,6 +694,9 @@ def test_config_precedence_and_original_yaml(tmp_path):
     _, data_args, args = parse_training_args(["--config", str(tmp_path / "orig.yaml"), "--max_steps", "7"])
     assert args.max_steps == 7 and args.learning_rate == 1e-4 and data_args.t2i_data.endswith("train2014.jsonl")
     assert args.task_batch_sizes == {"mmu": 3, "t2i": 48}
+    with pytest.raises(SystemExit):  # argparse names the valid choices
+        parse_training_args(["--dtype", "bf16", "--output_dir", str(tmp_path)])
+    assert parse_training_args(["--dtype", "auto", "--output_dir", str(tmp_path)])[0].dtype == "auto"
     # `--stage none` clears the YAML's stage (no preset hyper-parameters, requires_grad as loaded)
     _, _, args = parse_training_args(["--config", str(tmp_path / "orig.yaml"), "--stage", "none"])
     assert args.stage is None and args.adam_beta2 == 0.999

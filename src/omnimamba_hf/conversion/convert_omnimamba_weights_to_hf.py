@@ -198,14 +198,14 @@ def _describe(keys) -> str:
     """A guess of what a wrongly passed file is, from its keys (for error messages)."""
     keys = list(keys)
     has = lambda s: any(s in k for k in keys)  # noqa: E731
+    if has("model.language_model.") or has("model.vision_model."):  # first: it holds a VQ's keys too
+        return "it looks like an already converted Hugging Face OmniMamba checkpoint (load it with from_pretrained)"
     if has("encoder.conv_blocks.") or has("quantize.embedding.weight"):
         return "it looks like a LlamaGen VQ state dict (pass it with --vq)"
     if has("attn_pool.") and has("blocks.0.attn.qkv"):
         return "it looks like a timm SigLIP tower (pass it with --siglip)"
     if has("reg_token") and has("blocks.0.attn.qkv"):
         return "it looks like a timm DINOv2 tower (pass it with --dino)"
-    if has("model.language_model.") or has("model.vision_model."):
-        return "it looks like an already converted Hugging Face OmniMamba checkpoint"
     if (has("backbone.embeddings.weight") or has("backbone.embedding.weight")) and not has("llm_backbone."):
         return "it looks like a plain Mamba/Mamba-2 language model, not an OmniMamba checkpoint"
     return "it is not an OmniMamba checkpoint"
@@ -490,6 +490,30 @@ def _deep_update(base: dict, update: Mapping) -> dict:
     return base
 
 
+def _geometry(config: OmniMambaConfig) -> dict:
+    """The depths a conversion reads from the layer indices (recorded in the report, compared with the release)."""
+    vision = config.vision_config
+    return {
+        "mamba_layers": config.text_config.num_hidden_layers,
+        "dinov2_blocks": vision.dino_config.num_hidden_layers,
+        "siglip_blocks": vision.siglip_config.num_hidden_layers,
+    }
+
+
+def _check_override_keys(overrides: Mapping, known: Mapping, path: str = "") -> None:
+    """Refuse config-override keys that OmniMambaConfig (or the sub-config at that level) does not have: a typo would
+    otherwise be written into config.json and silently ignored."""
+    import difflib
+
+    for key, value in overrides.items():
+        if key not in known:
+            close = difflib.get_close_matches(key, list(known), n=3)
+            hint = f" Did you mean {', '.join(close)}?" if close else ""
+            raise ValueError(f"--config-overrides: {path + key!r} is not an OmniMambaConfig field.{hint}")
+        if isinstance(value, Mapping) and isinstance(known[key], Mapping):
+            _check_override_keys(value, known[key], f"{path}{key}.")
+
+
 def token_ids_from_tokenizer(tokenizer) -> dict:
     """Special-token ids and text vocabulary size for the checkpoint, from the base GPT-NeoX tokenizer (ids follow
     `token_ids_for_base_vocab(len(tokenizer))`, ORIGINAL-SPEC §1.4) or from an already extended OmniMamba tokenizer."""
@@ -715,6 +739,7 @@ def infer_config_from_state_dict(
         **{k: token_ids[k] for k in id_fields},
     )
     if overrides:
+        _check_override_keys(overrides, OmniMambaConfig().to_dict())
         kwargs = _deep_update(kwargs, overrides)
     try:
         return OmniMambaConfig(**kwargs)
@@ -1265,6 +1290,12 @@ def convert_omnimamba_checkpoint(
         original = load_original_weights(checkpoint, dino=dino, siglip=siglip, vq=vq)
         inputs = {name: str(p) for name, p in (("checkpoint", checkpoint), ("dino", dino), ("siglip", siglip), ("vq", vq)) if p}
 
+    non_finite = [k for k, v in original.state_dict.items() if v.is_floating_point() and not bool(torch.isfinite(v).all())]
+    if non_finite:
+        raise ValueError(
+            f"{len(non_finite)} source tensors hold NaN or infinite values, e.g. {non_finite[:5]}: the checkpoint is "
+            "damaged (or was saved after a diverged step); convert an earlier one."
+        )
     token_ids = token_ids_from_tokenizer(base_tok)
     config = infer_config_from_state_dict(
         original,
@@ -1276,6 +1307,14 @@ def convert_omnimamba_checkpoint(
         mamba_n_groups=mamba_n_groups,
         overrides=config_overrides,
     )
+    geometry = _geometry(config)
+    if geometry != _geometry(OmniMambaConfig()):
+        # depth is read from the layer indices present, so a checkpoint cut after some layer reads as a smaller model
+        logger.warning(
+            f"The checkpoint has {geometry['mamba_layers']} Mamba layers, {geometry['dinov2_blocks']} DINOv2 and "
+            f"{geometry['siglip_blocks']} SigLIP blocks; the released OmniMamba-1.3B has 48 / 24 / 27. Fine for "
+            "another model size; if this is meant to be the released checkpoint, it is truncated."
+        )
     converted = cast_state_dict(convert_state_dict(original, config, progress=progress), _DTYPES[dtype])
     config.dtype = _DTYPES[dtype]
     model = build_model(config, converted)
@@ -1295,6 +1334,7 @@ def convert_omnimamba_checkpoint(
         },
         "source_dtypes": src_dtypes,
         "dtype": dtype,
+        "geometry": geometry,
         "source_tensors": len(original.state_dict),
         "converted_tensors": len(converted),
         "parameters": sum(p.numel() for p in model.parameters()),

@@ -53,14 +53,16 @@ def build_model(model_args, seed: int = 42):
 
     from .stages import load_mamba2_text_weights, merge_stage_checkpoints
 
-    dtype = getattr(torch, model_args.dtype) if isinstance(model_args.dtype, str) else model_args.dtype
+    dtype = model_args.dtype  # "auto": the checkpoint's dtype (float32 for a random initialisation)
+    if isinstance(dtype, str) and dtype != "auto":
+        dtype = getattr(torch, dtype)
     if model_args.model_name_or_path:
         model = OmniMambaForConditionalGeneration.from_pretrained(model_args.model_name_or_path, dtype=dtype)
     elif model_args.config_name:
         name = model_args.config_name
         config = OmniMambaConfig() if name.lower() in ("omnimamba-1.3b", "default") else OmniMambaConfig.from_pretrained(name)
         torch.manual_seed(seed)
-        model = OmniMambaForConditionalGeneration(config).to(dtype)
+        model = OmniMambaForConditionalGeneration(config).to(torch.float32 if dtype == "auto" else dtype)
         logger.info(f"Randomly initialised OmniMamba from {name}.")
     else:
         raise ValueError("Give --model_name_or_path (a checkpoint) or --config_name (random initialisation).")

@@ -200,6 +200,13 @@ def build_align_text(conversations: Sequence, tokenizer, spec: SequenceSpec) -> 
 def build_mmu_text(record: Mapping, tokenizer, spec: SequenceSpec, mmu_format: str) -> tuple[list[int], list[int]]:
     """Text part of an MMU record: pre-tokenised `input_ids`/`labels` when present, else built from `conversations`."""
     if record.get("input_ids") is not None and record.get("labels") is not None:
+        prepared = record.get("mmu_format")  # set by prepare_mmu_dataset
+        if prepared is not None and prepared != mmu_format:
+            raise ValueError(
+                f"This MMU record was tokenised for mmu_format={prepared!r} but the collator builds {mmu_format!r} "
+                "text (the stage's format): prepare the data with prepare_mmu_dataset(..., "
+                f"mmu_format={mmu_format!r})."
+            )
         ids, labels = list(record["input_ids"]), list(record["labels"])
         if len(ids) != len(labels):
             raise BadRecordError("malformed record", "input_ids and labels differ in length")

@@ -54,7 +54,13 @@ class ModelArguments:
     stage1_t2i_checkpoint: str | None = field(
         default=None, metadata={"help": "Stage-1 T2I result to merge into the starting point (stage 2)."}
     )
-    dtype: str = field(default="float32", metadata={"help": "Weight dtype when loading (mixed precision: --bf16)."})
+    dtype: str = field(
+        default="float32",
+        metadata={
+            "help": "Weight dtype when loading (mixed precision: --bf16).",
+            "choices": ["float32", "bfloat16", "float16", "auto"],
+        },
+    )
     lora_r: int = field(default=0, metadata={"help": "User LoRA rank (PEFT) on in_proj; 0 = no user LoRA."})
     lora_alpha: float = field(default=16.0, metadata={"help": "User LoRA alpha."})
     lora_dropout: float = field(default=0.05, metadata={"help": "User LoRA dropout."})

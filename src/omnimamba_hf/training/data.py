@@ -179,6 +179,10 @@ def _finish_filter(dataset, name: str, on_bad_record: str, extra: Counter | None
     return dataset.remove_columns(_BAD)
 
 
+# the text format each pre-tokenised MMU record was built in (`prepare_mmu_dataset`), checked by the collator
+MMU_FORMAT_COLUMN = "mmu_format"
+
+
 def prepare_mmu_dataset(
     dataset,
     processor=None,
@@ -195,7 +199,8 @@ def prepare_mmu_dataset(
 ):
     """Tokenise the text part of every MMU record once (`datasets.map`, cached) and validate.
 
-    Adds `input_ids` / `labels` (`max_text_length` each, spec §4.3); the images stay paths, decoded in the DataLoader
+    Adds `input_ids` / `labels` (`max_text_length` each, spec §4.3) and `mmu_format` (which the collator checks
+    against its own: stage 1 trains on captions, stage 2 on conversations); the images stay paths, decoded in the DataLoader
     workers. Bad records — empty or malformed conversation, no supervised token within `max_text_length` (over-long),
     missing image file (`check_image_files`), no image unless `keep_text_only` — are dropped with a count per reason in
     the log (`on_bad_record="skip"`) or raise `BadRecordError` (`"raise"`); a dataset without any usable record
@@ -221,6 +226,7 @@ def prepare_mmu_dataset(
 
     def tokenize(record):
         out = {"input_ids": [spec.pad_token_id] * spec.max_text_length, "labels": [-100] * spec.max_text_length, _BAD: ""}
+        out[MMU_FORMAT_COLUMN] = mmu_format  # the collator checks it against its own format (stage 1 vs 2 text)
         image = record.get("image") if has_image_column else None
         if image is None and not keep_text_only:
             out[_BAD] = "no image (text-only records need keep_text_only=True)"
