@@ -262,6 +262,9 @@ def test_full_size_parameter_count_on_meta():
         (lambda c: dict(input_ids=torch.tensor([[5, 6]]), task="caption"), "Unknown task"),
         (lambda c: dict(input_ids=torch.tensor([[5, 10_000]])), "input_ids must be in"),
         (lambda c: dict(input_ids=torch.tensor([[c.image_token_id] * 3])), "not a multiple of num_image_tokens"),
+        # OmniMambaDataCollator's output handed to the model (a plain Trainer): not silently swallowed by **kwargs
+        (lambda c: dict(t2i=dict(input_ids=torch.tensor([[5, 6]]))), "per-task sub-batches"),
+        (lambda c: dict(input_ids=torch.tensor([[5, 6]]), labels=torch.tensor([[5, c.text_vocab_size]])), "task='t2i'"),
     ],
 )
 def test_bad_inputs_raise_clear_errors(model, config, make_inputs, message):

@@ -676,7 +676,7 @@ def test_task_adapters_export_as_two_named_peft_adapters(config, processor, tmp_
 # ---- configuration and CLI ----------------------------------------------------------------------------------------
 
 
-def test_config_precedence_and_original_yaml(tmp_path):
+def test_config_precedence_and_original_yaml(tmp_path, caplog):
     model_args, data_args, args = parse_training_args(["--stage", "stage1_t2i", "--output_dir", str(tmp_path)])
     assert args.stage == "stage1_t2i" and args.learning_rate == 8e-4 and args.warmup_steps == 1000
     assert (args.per_device_t2i_batch_size, args.per_device_mmu_batch_size, args.per_device_train_batch_size) == (90, 0, 90)
@@ -694,6 +694,11 @@ def test_config_precedence_and_original_yaml(tmp_path):
     _, data_args, args = parse_training_args(["--config", str(tmp_path / "orig.yaml"), "--max_steps", "7"])
     assert args.max_steps == 7 and args.learning_rate == 1e-4 and data_args.t2i_data.endswith("train2014.jsonl")
     assert args.task_batch_sizes == {"mmu": 3, "t2i": 48}
+    with caplog.at_level("WARNING", logger="omnimamba_hf.training"):  # flags the stage would override say so
+        args = parse_training_args(["--stage", "stage1_t2i", "--per_device_mmu_batch_size", "8",
+                                    "--per_device_train_batch_size", "4", "--output_dir", str(tmp_path)])[2]  # fmt: skip
+    assert args.per_device_mmu_batch_size == 0 and args.per_device_train_batch_size == 90
+    assert "per_device_mmu_batch_size=8 is ignored" in caplog.text and "per_device_train_batch_size=4 is replaced" in caplog.text
     with pytest.raises(SystemExit):  # argparse names the valid choices
         parse_training_args(["--dtype", "bf16", "--output_dir", str(tmp_path)])
     assert parse_training_args(["--dtype", "auto", "--output_dir", str(tmp_path)])[0].dtype == "auto"
@@ -740,6 +745,22 @@ def test_cli_trains_a_stage_end_to_end(config, run_yaml, tmp_path):
     assert (out / "model.safetensors").exists() and (out / "processor_config.json").exists()
     reloaded = OmniMambaForConditionalGeneration.from_pretrained(out)
     assert reloaded.config.text_vocab_size == config.text_vocab_size
+
+
+def test_cli_evaluates_during_training(run_yaml, data_dir, tmp_path):
+    from omnimamba_hf.cli import main
+
+    common = ["train", "--config", str(run_yaml), "--eval_strategy", "steps", "--eval_steps", "1"]
+    with pytest.raises(ValueError, match="--eval_mmu_data"):  # not Trainer's error about a missing eval_dataset
+        main(common + ["--output_dir", str(tmp_path / "none")])
+    out = tmp_path / "eval"
+    eval_data = ["--eval_mmu_data", str(data_dir / "llava.json"), "--eval_t2i_data", str(data_dir / "t2i.jsonl")]
+    assert main(common + eval_data + ["--output_dir", str(out)]) == 0
+    lines = [json.loads(line) for line in (out / "train_log.jsonl").read_text().splitlines()]
+    evals = [e for e in lines if "eval_loss" in e]
+    assert len(evals) == 2  # after each of the 2 steps
+    for e in evals:
+        assert math.isclose(e["eval_loss"], e["eval_loss_mmu"] + e["eval_loss_t2i"], rel_tol=1e-5)
 
 
 def test_ddp_on_two_cpu_processes_trains_and_resumes(run_yaml, tmp_path):

@@ -603,7 +603,11 @@ class OmniMambaForConditionalGeneration(OmniMambaPreTrainedModel, OmniMambaGener
                 y = torch.where(supervised, y - V, -100)
                 logits = self.image_head(h)
             else:
-                _check(lambda: bool((y[supervised] < V).all()), f"MMU labels must be text ids below {V} or -100.")
+                _check(
+                    lambda: bool((y[supervised] < V).all()),
+                    f"MMU labels must be text ids below {V} or -100 (image ids in the labels: a T2I batch needs "
+                    "task='t2i').",
+                )
                 logits = self.lm_head(h)
             losses[name] = _shifted_cross_entropy(logits, y)
         loss = sum(losses.values())
@@ -634,6 +638,12 @@ class OmniMambaForConditionalGeneration(OmniMambaPreTrainedModel, OmniMambaGener
         logits_to_keep (`int` or `torch.Tensor`, *optional*): keep only the last N positions' logits (0 = all).
         task, pixel_values, image_flags, position_ids: see `OmniMambaModel.forward`.
         """
+        if any(name in kwargs for name in TASKS):
+            raise ValueError(
+                f"Got per-task sub-batches {[n for n in TASKS if n in kwargs]} (OmniMambaDataCollator's output): train "
+                "on them with OmniMambaTrainer, or call the model once per sub-batch with its task: "
+                "model(**batch['t2i'], task='t2i')."
+            )
         outputs = self.model(
             input_ids=input_ids,
             pixel_values=pixel_values,

@@ -99,8 +99,9 @@ def build_processor(model_args, config):
     return OmniMambaProcessor.from_config(config, AutoTokenizer.from_pretrained(model_args.tokenizer_name_or_path))
 
 
-def build_datasets(data_args, training_args, model, processor):
-    """The `MixedTaskDataset` of the run, from the data arguments (tokenised / validated / VQ-tokenised once)."""
+def build_datasets(data_args, training_args, model, processor, split: str = "train"):
+    """The `MixedTaskDataset` of a split ("train": `--mmu_data` / `--t2i_data`; "eval": `--eval_mmu_data` /
+    `--eval_t2i_data`, None when neither is given), tokenised / validated / VQ-tokenised once; and the MMU format."""
     from .data import (
         MixedTaskDataset,
         load_coco_captions,
@@ -116,13 +117,17 @@ def build_datasets(data_args, training_args, model, processor):
     sizes = training_args.task_batch_sizes
     stage = get_stage(training_args.stage) if training_args.stage else None
     mmu_format = data_args.mmu_format or (stage.mmu_format if stage and stage.mmu_format else "finetune")
+    prefix = "" if split == "train" else "eval_"
+    mmu_path, t2i_path = getattr(data_args, f"{prefix}mmu_data"), getattr(data_args, f"{prefix}t2i_data")
+    if split != "train" and not (mmu_path or t2i_path):
+        return None, mmu_format
     mmu = t2i = None
-    with training_args.main_process_first(desc="dataset preprocessing"):
-        if sizes["mmu"] > 0:
-            if not data_args.mmu_data:
+    with training_args.main_process_first(desc=f"{split} dataset preprocessing"):
+        if sizes["mmu"] > 0 and (split == "train" or mmu_path):
+            if not mmu_path:
                 raise ValueError("per_device_mmu_batch_size > 0 but no --mmu_data was given.")
-            mmu = load_llava_dataset(data_args.mmu_data, cache_dir=data_args.dataset_cache_dir)
-            if data_args.max_mmu_samples:
+            mmu = load_llava_dataset(mmu_path, cache_dir=data_args.dataset_cache_dir)
+            if data_args.max_mmu_samples and split == "train":
                 mmu = mmu.select(range(min(data_args.max_mmu_samples, len(mmu))))
             mmu = prepare_mmu_dataset(
                 mmu,
@@ -136,28 +141,32 @@ def build_datasets(data_args, training_args, model, processor):
                 on_bad_record=data_args.on_bad_record,
                 num_proc=data_args.preprocessing_num_workers,
             )
-        if sizes["t2i"] > 0:
-            if not data_args.t2i_data:
+        if sizes["t2i"] > 0 and (split == "train" or t2i_path):
+            if not t2i_path:
                 raise ValueError("per_device_t2i_batch_size > 0 but no --t2i_data was given.")
             if data_args.t2i_image_root:  # COCO captions + images: VQ-tokenise once (cached)
-                raw = load_coco_captions(data_args.t2i_data, data_args.t2i_image_root)
-                if data_args.max_t2i_samples:
+                raw = load_coco_captions(t2i_path, data_args.t2i_image_root)
+                if data_args.max_t2i_samples and split == "train":
                     raw = raw.select(range(min(data_args.max_t2i_samples, len(raw))))
                 vq = model.get_base_model().model.vqmodel if hasattr(model, "get_base_model") else model.model.vqmodel
                 device, home = training_args.device, next(vq.parameters()).device
+                cache_file = data_args.vq_cache_file
+                if cache_file and split != "train":  # the eval split's codes must not overwrite the train split's
+                    root, ext = os.path.splitext(cache_file)
+                    cache_file = f"{root}.{split}{ext}"
                 t2i = pretokenize_images(
                     raw,
                     vq,
                     processor.image_processor,
                     batch_size=data_args.vq_batch_size,
                     device=device,
-                    cache_file_name=data_args.vq_cache_file,
+                    cache_file_name=cache_file,
                     on_bad_record=data_args.on_bad_record,
                 )
                 vq.to(home)  # the Trainer places the whole model later
             else:
-                t2i = load_t2i_dataset(data_args.t2i_data)
-                if data_args.max_t2i_samples:
+                t2i = load_t2i_dataset(t2i_path)
+                if data_args.max_t2i_samples and split == "train":
                     t2i = t2i.select(range(min(data_args.max_t2i_samples, len(t2i))))
             t2i = prepare_t2i_dataset(
                 t2i, config, on_bad_record=data_args.on_bad_record, num_proc=data_args.preprocessing_num_workers
@@ -206,6 +215,12 @@ def train_main(argv: list[str] | None = None) -> int:
         )
 
     train_dataset, mmu_format = build_datasets(data_args, training_args, model, processor)
+    eval_dataset, _ = build_datasets(data_args, training_args, model, processor, split="eval")
+    if eval_dataset is None and training_args.eval_strategy != "no":
+        raise ValueError(
+            f"eval_strategy={training_args.eval_strategy} needs evaluation data: pass --eval_mmu_data and/or "
+            "--eval_t2i_data (same formats as --mmu_data / --t2i_data)."
+        )
     base_config = model.get_base_model().config if hasattr(model, "get_base_model") else model.config
     collator = OmniMambaDataCollator(
         base_config, processor, mmu_format=mmu_format, max_text_length=data_args.max_text_length, image_root=data_args.mmu_image_root
@@ -214,6 +229,7 @@ def train_main(argv: list[str] | None = None) -> int:
         model=model,
         args=training_args,
         train_dataset=train_dataset,
+        eval_dataset=eval_dataset,
         data_collator=collator,
         processing_class=processor,
         callbacks=[JsonlLogCallback()],

@@ -15,6 +15,7 @@ original's `train:` block keys (`batch_size_t2i`, `lr`, ...) are accepted too. P
 from __future__ import annotations
 
 import argparse
+import logging
 import os
 from dataclasses import dataclass, field, fields
 from typing import Any
@@ -22,6 +23,8 @@ from typing import Any
 from transformers import HfArgumentParser, TrainingArguments
 
 from .stages import STAGES, get_stage, stage_training_defaults
+
+logger = logging.getLogger(__name__)
 
 
 @dataclass
@@ -98,6 +101,12 @@ class DataArguments:
     on_bad_record: str = field(
         default="skip", metadata={"help": "'skip' (drop, counted in the log) or 'raise'.", "choices": ["skip", "raise"]}
     )
+    eval_mmu_data: str | None = field(
+        default=None, metadata={"help": "MMU evaluation data (as --mmu_data; eval_loss_mmu, with --eval_strategy)."}
+    )
+    eval_t2i_data: str | None = field(
+        default=None, metadata={"help": "T2I evaluation data (as --t2i_data; eval_loss_t2i, with --eval_strategy)."}
+    )
     max_mmu_samples: int | None = field(default=None, metadata={"help": "Use only the first N MMU records."})
     max_t2i_samples: int | None = field(default=None, metadata={"help": "Use only the first N T2I records."})
     preprocessing_num_workers: int | None = field(default=None, metadata={"help": "num_proc of datasets.map."})
@@ -120,17 +129,26 @@ class OmniMambaTrainingArguments(TrainingArguments):
     def __post_init__(self):
         if isinstance(self.stage, str) and self.stage.strip().lower() in ("", "none", "null"):
             self.stage = None  # `--stage none` clears a stage set in the YAML file
+        defaults = {f.name: f.default for f in fields(self) if f.name.startswith("per_device_")}
         if self.stage is not None:
             preset = get_stage(self.stage)
             self.stage = preset.name
-            if "mmu" not in preset.tasks:
-                self.per_device_mmu_batch_size = 0
-            if "t2i" not in preset.tasks:
-                self.per_device_t2i_batch_size = 0
+            for task in ("mmu", "t2i"):
+                name = f"per_device_{task}_batch_size"
+                if task not in preset.tasks:
+                    if getattr(self, name) not in (0, defaults[name]):
+                        logger.warning(f"Stage {preset.name} trains no {task.upper()}: {name}={getattr(self, name)} is ignored.")
+                    setattr(self, name, 0)
         if self.per_device_mmu_batch_size < 0 or self.per_device_t2i_batch_size < 0:
             raise ValueError("Per-task batch sizes must be >= 0.")
         total = self.per_device_mmu_batch_size + self.per_device_t2i_batch_size
         if total > 0:
+            if self.per_device_train_batch_size not in (total, defaults["per_device_train_batch_size"]):
+                logger.warning(
+                    f"per_device_train_batch_size={self.per_device_train_batch_size} is replaced by the sum of the "
+                    f"per-task batch sizes ({self.per_device_mmu_batch_size} MMU + {self.per_device_t2i_batch_size} "
+                    "T2I): set per_device_mmu_batch_size / per_device_t2i_batch_size instead."
+                )
             self.per_device_train_batch_size = total
         super().__post_init__()
         if self.torch_compile:
