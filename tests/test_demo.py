@@ -151,6 +151,23 @@ def test_describe_and_generate_image_cli(demo_dir, tmp_path, capsys):
     assert cli_main(["generate-image", "a handwritten two", "-o", str(tmp_path / "two.png"), "--model", model_dir,
                      "--seed", "3", "--upscale", "1"]) == 0  # fmt: skip
     assert PIL.Image.open(tmp_path / "two.png").size == (8, 8)
+    assert cli_main(["generate-image", "a handwritten one", "-o", str(tmp_path / "one"), "--model", model_dir]) == 0
+    assert PIL.Image.open(tmp_path / "one.png").format == "PNG"  # no extension given: a .png, as the help says
+
+    # bad input: a message and exit status 1 (argparse's 2 for bad flags), not a traceback
+    capsys.readouterr()
+    assert cli_main(["describe", str(path), "--model", str(tmp_path / "no-such-model")]) == 1
+    assert capsys.readouterr().err.startswith("omnimamba-hf describe: ")
+    assert cli_main(["describe", str(tmp_path / "missing.png"), "--model", model_dir]) == 1
+    assert "missing.png" in capsys.readouterr().err
+    if not torch.cuda.is_available():
+        assert cli_main(["generate-image", "a seven", "-o", str(out), "--model", model_dir, "--device", "cuda"]) == 1
+        assert "no CUDA device" in capsys.readouterr().err
+    for argv in (["describe", str(path), "--max-new-tokens", "0"], ["generate-image", "x", "--temperature", "0"],
+                 ["generate-image", "  "]):  # fmt: skip
+        with pytest.raises(SystemExit) as exit_info:
+            cli_main(argv + ["--model", model_dir])
+        assert exit_info.value.code == 2
 
 
 def test_describe_without_demo_model_explains(tmp_path, monkeypatch):

@@ -202,6 +202,43 @@ def _resolve_model(model: str | None) -> str:
     )
 
 
+def _positive_int(value: str) -> int:
+    number = int(value)
+    if number < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
+    return number
+
+
+def _positive_float(value: str) -> float:
+    number = float(value)
+    if not number > 0:
+        raise argparse.ArgumentTypeError(f"must be greater than 0, got {value}")
+    return number
+
+
+def _check_device(device: str) -> None:
+    import torch
+
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise ValueError(f"--device {device}, but this torch build sees no CUDA device; use --device cpu (or auto).")
+
+
+class _TokenProgress:
+    """A `generate()` streamer that only advances a progress bar (one tick per generated token; the prompt is skipped).
+    Shown where decoding is slow (CPU); on a GPU a streamer would take the choices out of the CUDA graph."""
+
+    def __init__(self, total: int, desc: str):
+        from tqdm.auto import tqdm
+
+        self.bar = tqdm(total=total, desc=desc, unit="tok", disable=None)  # None: off when stderr is not a terminal
+
+    def put(self, value):
+        self.bar.update(1)
+
+    def end(self):
+        self.bar.close()
+
+
 def describe_main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="omnimamba-hf describe", description="Answer a question about an image (MMU).")
     parser.add_argument("image", help="image path, http(s) URL or base64 data")
@@ -211,28 +248,35 @@ def describe_main(argv: list[str] | None = None) -> int:
         "in detail.')",
     )  # fmt: skip
     parser.add_argument("--model", "-m", default=None, help="OmniMamba directory or Hub id (default: the demo model)")
-    parser.add_argument("--max-new-tokens", type=int, default=64)
+    parser.add_argument("--max-new-tokens", type=_positive_int, default=64)
     parser.add_argument("--device", default="auto")
     args = parser.parse_args(argv)
+    try:
+        print(_describe(args))
+    except (ValueError, OSError, TypeError) as err:  # bad image, prompt, model path or device: a message, not a trace
+        print(f"omnimamba-hf describe: {err}", file=sys.stderr)
+        return 1
+    return 0
 
+
+def _describe(args) -> str:
     import torch
 
+    _check_device(args.device)
     source = _resolve_model(args.model)
     is_demo = os.path.isfile(os.path.join(source, "demo_info.json"))
     question = args.question or ("What digit is this?" if is_demo else "Please describe it in detail.")
     model, processor = load_model(source, args.device)
     messages = [{"role": "user", "content": [{"type": "image", "image": args.image}, {"type": "text", "text": question}]}]
-    try:
-        inputs = processor.apply_chat_template(messages, add_generation_prompt=True, tokenize=True, return_dict=True, return_tensors="pt")
-    except (ValueError, OSError, TypeError) as err:
-        print(f"omnimamba-hf describe: {err}", file=sys.stderr)
-        return 1
+    inputs = processor.apply_chat_template(messages, add_generation_prompt=True, tokenize=True, return_dict=True, return_tensors="pt")
     inputs = inputs.to(model.device)
     room = model.config.mmu_max_position_embeddings + 1 - inputs["input_ids"].shape[1]
+    if args.max_new_tokens > room:
+        print(f"(the position table leaves room for {room} new tokens after this prompt; generating at most that)",
+              file=sys.stderr)  # fmt: skip
     with torch.no_grad():
-        out = model.generate(**inputs, max_new_tokens=max(1, min(args.max_new_tokens, room)), do_sample=False)
-    print(processor.post_process_image_text_to_text(out[:, inputs["input_ids"].shape[1] :])[0].strip())
-    return 0
+        out = model.generate(**inputs, max_new_tokens=min(args.max_new_tokens, room), do_sample=False)
+    return processor.post_process_image_text_to_text(out[:, inputs["input_ids"].shape[1] :])[0].strip()
 
 
 def generate_image_main(argv: list[str] | None = None) -> int:
@@ -241,19 +285,32 @@ def generate_image_main(argv: list[str] | None = None) -> int:
     parser.add_argument("-o", "--output", default="generated.png", help="PNG file to write (default: %(default)s)")
     parser.add_argument("--model", "-m", default=None, help="OmniMamba directory or Hub id (default: the demo model)")
     parser.add_argument("--seed", type=int, default=None, help="sample (top-k) with this seed instead of greedy decoding")
-    parser.add_argument("--top-k", type=int, default=8, help="top-k when sampling (default: %(default)s)")
-    parser.add_argument("--temperature", type=float, default=1.0)
+    parser.add_argument("--top-k", type=_positive_int, default=8, help="top-k when sampling (default: %(default)s)")
+    parser.add_argument("--temperature", type=_positive_float, default=1.0)
     parser.add_argument("--guidance-scale", type=float, default=None, help="classifier-free guidance (not in the original)")
     parser.add_argument(
-        "--upscale", type=int, default=None,
+        "--upscale", type=_positive_int, default=None,
         help="nearest-neighbour upscale factor for the PNG (default: enough to reach 128 px; 1 keeps the native size)",
     )  # fmt: skip
     parser.add_argument("--device", default="auto")
     args = parser.parse_args(argv)
+    if not args.prompt.strip():
+        parser.error("the prompt is empty")
+    if not os.path.splitext(args.output)[1]:
+        args.output += ".png"  # the help promises a PNG file
+    try:
+        print(_generate_image(args))
+    except (ValueError, OSError, TypeError) as err:  # bad prompt, model path, output path or device
+        print(f"omnimamba-hf generate-image: {err}", file=sys.stderr)
+        return 1
+    return 0
 
+
+def _generate_image(args) -> str:
     import PIL.Image
     import torch
 
+    _check_device(args.device)
     model, processor = load_model(_resolve_model(args.model), args.device)
     inputs = processor(text=[args.prompt], generation_mode="image", return_tensors="pt").to(model.device)
     kwargs = {"do_sample": False}
@@ -262,6 +319,8 @@ def generate_image_main(argv: list[str] | None = None) -> int:
         kwargs = {"do_sample": True, "top_k": args.top_k, "temperature": args.temperature}
     if args.guidance_scale is not None:
         kwargs["guidance_scale"] = args.guidance_scale
+    if model.device.type == "cpu":
+        kwargs["streamer"] = _TokenProgress(model.config.num_generated_image_tokens, "image tokens")
     with torch.no_grad():
         ids = model.generate(inputs["input_ids"], generation_mode="image", **kwargs)
         image = processor.postprocess(model.decode_image_tokens(ids))[0]
@@ -273,8 +332,7 @@ def generate_image_main(argv: list[str] | None = None) -> int:
     os.makedirs(directory, exist_ok=True)
     image.save(args.output)
     note = f", upscaled {factor}x from {native[0]}x{native[1]}" if factor > 1 else ""
-    print(f"Wrote {args.output} ({image.width}x{image.height}{note})")
-    return 0
+    return f"Wrote {args.output} ({image.width}x{image.height}{note})"
 
 
 __all__ = ["default_demo_dir", "demo_main", "demo_model_dir", "describe_main", "generate_image_main", "load_model"]

@@ -142,6 +142,7 @@ def build_datasets(split: D.DigitsSplit, processor, config, vq, seed: int = 0):
             "conversations": [_mmu_conversation(q, w) for q, w in zip(questions[::-1], words)],
             "input_ids": [r[0] for r in chat_rows],
             "labels": [r[1] for r in chat_rows],
+            "mmu_format": ["finetune"] * len(chat_rows),  # pre-tokenised here; collated with the stage-2 collator
         },
         features=original.features,
     )
