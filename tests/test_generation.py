@@ -204,11 +204,16 @@ def test_position_table_guards(model, config):
     with pytest.raises(ValueError, match="leaves room for at most"):
         model.generate(ids, pixel_values=pixels(1), max_length=config.mmu_max_position_embeddings + 5)
     assert model.generate(ids, pixel_values=pixels(1), max_new_tokens=room, eos_token_id=None).shape[1] == ids.shape[1] + room
-    long_prompt = torch.tensor([[5] * (config.t2i_max_position_embeddings - 10)])
+    long_prompt = torch.tensor([[config.t2i_token_id] + [5] * (config.t2i_max_position_embeddings - 10) + [config.soi_token_id]])
     with pytest.raises(ValueError, match="does not fit the T2I position table"):
         model.generate(long_prompt, generation_mode="image")
     with pytest.raises(ValueError, match="generation_mode"):
         model.generate(ids, generation_mode="video")
+    # a prompt of the other task's layout: said so, not a misleading length error or silent garbage
+    with pytest.raises(ValueError, match="T2I prompts start with <\\|t2i\\|>"):
+        model.generate(ids, generation_mode="image")
+    with pytest.raises(ValueError, match="This is a T2I prompt"):
+        model.generate(torch.tensor([t2i_prompt(config, (8, 9))]), max_new_tokens=3)
 
 
 # ---- the static-state decoder (the arithmetic of the CUDA-graph fast path, run eagerly on CPU) ----------------------
@@ -327,6 +332,7 @@ def test_image_generation_refuses_what_it_does_not_implement(model, config):
         with pytest.raises(ValueError, match="Image generation does not support"):
             model.generate(ids, generation_mode="image", generation_config=GenerationConfig(**bad))
     assert model.generate(ids, generation_mode="image", max_new_tokens=n, num_beams=1).shape == (2, n)
+    assert model.generate(ids, generation_mode="image", max_new_tokens=n + 100).shape == (2, n)  # a maximum, met
     with pytest.raises(ValueError, match="num_return_sequences"):
         model.generate(ids, generation_mode="image", num_return_sequences=2)
     torch.manual_seed(3)

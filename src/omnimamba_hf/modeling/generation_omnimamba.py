@@ -173,6 +173,11 @@ class OmniMambaGenerationMixin(GenerationMixin):
         if kwargs.get("task", "mmu") != "mmu":
             raise ValueError("Text generation runs the 'mmu' task; for images use generation_mode='image'.")
         input_ids = inputs if inputs is not None else kwargs.get("input_ids")
+        if input_ids is not None and input_ids.dim() == 2 and input_ids.shape[1]:
+            pad = self.config.pad_token_id
+            first = input_ids.gather(1, (input_ids != pad).int().argmax(1, keepdim=True)) if pad is not None else input_ids[:, :1]
+            if bool((first == self.config.t2i_token_id).any()):
+                raise ValueError("This is a T2I prompt (it starts with <|t2i|>): generate images with generation_mode='image'.")
         if input_ids is not None:
             generation_config = self._check_text_length(input_ids.shape[-1], generation_config, kwargs)
             gen = generation_config if generation_config is not None else self.generation_config
@@ -411,8 +416,8 @@ class OmniMambaGenerationMixin(GenerationMixin):
         input_ids (`torch.LongTensor` of shape `(batch, prompt_length)`): T2I prompts (72 ids for the released model).
         generation_config / kwargs: `do_sample` (default False: greedy, as the original), `temperature`, `top_k`,
             `top_p`, `repetition_penalty`, `num_return_sequences` (with sampling: that many images per prompt, in
-            prompt order), `return_dict_in_generate`, `output_scores`, `output_logits`; anything else (beams, lengths
-            other than 256 tokens, …) raises. Logits processors see the image *codes* generated so far (so e.g. a
+            prompt order), `return_dict_in_generate`, `output_scores`, `output_logits`, and lengths that admit the
+            image's 256 tokens; anything else (beams, a shorter length, …) raises. Logits processors see the image *codes* generated so far (so e.g. a
             repetition penalty indexes the 16384 image logits correctly).
         guidance_scale (`float`, *optional*): classifier-free guidance, an extension not in the original:
             `uncond + scale · (cond − uncond)` with the caption slots replaced by `[PAD]` for the unconditional half.
@@ -427,6 +432,12 @@ class OmniMambaGenerationMixin(GenerationMixin):
                              "(processor(text=..., generation_mode='image')).")  # fmt: skip
         if attention_mask is not None and not bool(attention_mask.all()):
             raise ValueError("T2I prompts are fixed-length and unpadded; got an attention_mask with zeros.")
+        if not (bool((input_ids[:, 0] == config.t2i_token_id).all()) and bool((input_ids[:, -1] == config.soi_token_id).all())):
+            raise ValueError(
+                f"T2I prompts start with <|t2i|> ({config.t2i_token_id}) and end with <|soi|> ({config.soi_token_id}); "
+                f"got one starting with {int(input_ids[0, 0])}. Build them with processor(text=..., "
+                "generation_mode='image') (pipeline('any-to-any'): processor_kwargs={'generation_mode': 'image'})."
+            )
         batch, prompt_length = input_ids.shape
         n_tokens = config.num_generated_image_tokens
         rows = config.t2i_max_position_embeddings
@@ -448,8 +459,9 @@ class OmniMambaGenerationMixin(GenerationMixin):
         unsupported = {
             name for name in asked - _IMAGE_FIELDS
             if not (name == "num_beams" and (g.num_beams or 1) == 1)
-            and not (name == "max_new_tokens" and g.max_new_tokens == n_tokens)
-            and not (name == "max_length" and g.max_length == prompt_length + n_tokens)
+            # a length is a maximum: one that admits all the image's tokens is met (pipelines pass 256 by default)
+            and not (name == "max_new_tokens" and g.max_new_tokens >= n_tokens)
+            and not (name == "max_length" and g.max_length >= prompt_length + n_tokens)
         }  # fmt: skip
         if unsupported:
             raise ValueError(

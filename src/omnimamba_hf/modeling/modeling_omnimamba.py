@@ -183,6 +183,7 @@ class OmniMambaPreTrainedModel(PreTrainedModel):
     config: OmniMambaConfig
     base_model_prefix = "model"
     input_modalities = ("image", "text")
+    output_modalities = ("image", "text")  # pipeline("any-to-any") may ask for generation_mode="image"
     supports_gradient_checkpointing = True
     _no_split_modules = [
         "OmniMambaBlock",
