@@ -441,9 +441,25 @@ def test_push_to_hub_uses_upload_folder(tmp_path, release, monkeypatch):
 
     monkeypatch.setattr(huggingface_hub, "HfApi", FakeApi)
     out = tmp_path / "pushed"
+    # no token, or offline: refused before any work (not after the whole conversion); the tests run offline
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", False)
+    monkeypatch.setattr(huggingface_hub, "get_token", lambda: None)
+    with pytest.raises(ValueError, match="needs a Hugging Face token"):
+        _cli(release, out, "--push-to-hub", "someone/OmniMamba-tiny")
+    monkeypatch.setattr(huggingface_hub, "get_token", lambda: "hf_test")
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
+    with pytest.raises(ValueError, match="HF_HUB_OFFLINE"):
+        _cli(release, out, "--push-to-hub", "someone/OmniMamba-tiny")
+    assert not out.exists() and calls == []
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", False)
     _cli(release, out, "--push-to-hub", "someone/OmniMamba-tiny", "--private")
     assert [c[:2] for c in calls] == [("create_repo", "someone/OmniMamba-tiny"), ("upload_folder", "someone/OmniMamba-tiny")]
     assert calls[0][2]["private"] is True and calls[1][2]["folder_path"] == str(out.absolute())
+    # an upload that fails keeps the finished conversion and says how to retry the upload alone
+    monkeypatch.setattr(FakeApi, "upload_folder", lambda self, **kw: (_ for _ in ()).throw(OSError("connection reset")))
+    with pytest.raises(RuntimeError, match="hf upload someone/OmniMamba-tiny"):
+        _cli(release, tmp_path / "kept", "--push-to-hub", "someone/OmniMamba-tiny")
+    assert (tmp_path / "kept" / "config.json").is_file()
 
 
 # ---- refusals: precise messages, nothing left behind -------------------------------------------------------------------

@@ -399,6 +399,12 @@ def test_bad_records_are_counted_or_raise(config, processor, data_dir, tmp_path,
         kept = prepare_t2i_dataset(t2i, config)
     assert len(kept) == 1 and kept[0]["captions"] == ["a cat"]
     assert "skipping 2 of 3" in caplog.text and "1 empty captions removed" in caplog.text
+    # codes read as floats (e.g. from a CSV): whole numbers are codes, anything else is not truncated into one
+    floats = datasets.Dataset.from_list([{"tokens": [float(k) for k in range(16)], "captions": ["a cat"]},
+                                         {"tokens": [3.5] + [1.0] * 15, "captions": ["a dog"]}])  # fmt: skip
+    with pytest.raises(BadRecordError, match="image tokens not integer codes"):
+        prepare_t2i_dataset(floats, config, on_bad_record="raise")
+    assert len(prepare_t2i_dataset(floats, config)) == 1
 
     # at run time: an image that exists but cannot be decoded
     (tmp_path / "corrupt.png").write_bytes(b"not a png")

@@ -1277,6 +1277,8 @@ def convert_omnimamba_checkpoint(
     target = Path(output_dir).absolute()
     if target.exists() and not overwrite:
         raise ValueError(f"{target} already exists; pass --overwrite to replace it.")
+    if push_to_hub:
+        _check_can_push(push_to_hub)
     for name, source in (("checkpoint", checkpoint), ("dino", dino), ("siglip", siglip), ("vq", vq), ("tokenizer", tokenizer)):
         if isinstance(source, (str, os.PathLike)) and os.path.exists(source):
             path = Path(source).absolute()
@@ -1358,15 +1360,34 @@ def convert_omnimamba_checkpoint(
         from huggingface_hub import HfApi
 
         api = HfApi()
-        api.create_repo(push_to_hub, private=private, exist_ok=True, repo_type="model")
-        api.upload_folder(
-            repo_id=push_to_hub,
-            folder_path=str(target),
-            repo_type="model",
-            commit_message=f"OmniMamba converted by omnimamba_hf {_package_version()}",
-        )
+        try:
+            api.create_repo(push_to_hub, private=private, exist_ok=True, repo_type="model")
+            api.upload_folder(
+                repo_id=push_to_hub,
+                folder_path=str(target),
+                repo_type="model",
+                commit_message=f"OmniMamba converted by omnimamba_hf {_package_version()}",
+            )
+        except Exception as err:  # the conversion itself is done and kept: say how to retry the upload alone
+            raise RuntimeError(
+                f"The conversion is complete in {target}, but uploading it to {push_to_hub} failed ({err}). Retry "
+                f"the upload alone with: hf upload {push_to_hub} {target} ."
+            ) from err
         report["pushed_to"] = push_to_hub
     return report
+
+
+def _check_can_push(repo_id: str) -> None:
+    """Before any work: --push-to-hub needs the network and credentials (found out only after a long conversion
+    otherwise)."""
+    import huggingface_hub
+    from huggingface_hub import constants
+
+    if constants.HF_HUB_OFFLINE:
+        raise ValueError(f"--push-to-hub {repo_id} needs the network, but HF_HUB_OFFLINE is set: unset it, or convert "
+                         "without --push-to-hub and upload later (hf upload).")  # fmt: skip
+    if huggingface_hub.get_token() is None:
+        raise ValueError(f"--push-to-hub {repo_id} needs a Hugging Face token: log in with `hf auth login` or set HF_TOKEN.")
 
 
 @contextlib.contextmanager

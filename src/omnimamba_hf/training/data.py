@@ -276,6 +276,8 @@ def prepare_t2i_dataset(dataset, config=None, on_bad_record: str = "skip", num_p
             out[_BAD] = "no non-empty caption"
         elif tokens is None or len(tokens) != spec.num_image_codes:
             out[_BAD] = f"image tokens not {spec.num_image_codes} codes"
+        elif not all(isinstance(t, int) or (isinstance(t, float) and t.is_integer()) for t in tokens):
+            out[_BAD] = "image tokens not integer codes"
         elif min(tokens) < 0 or max(tokens) >= spec.image_vocab_size:
             out[_BAD] = f"image tokens outside [0, {spec.image_vocab_size})"
         if out[_BAD]:
