@@ -204,13 +204,13 @@ def test_position_table_guards(model, config):
     with pytest.raises(ValueError, match="leaves room for at most"):
         model.generate(ids, pixel_values=pixels(1), max_length=config.mmu_max_position_embeddings + 5)
     assert model.generate(ids, pixel_values=pixels(1), max_new_tokens=room, eos_token_id=None).shape[1] == ids.shape[1] + room
-    long_prompt = torch.tensor([[config.t2i_token_id] + [5] * (config.t2i_max_position_embeddings - 10) + [config.soi_token_id]])
+    long_prompt = torch.tensor([[5] * (config.t2i_max_position_embeddings - 10)])
     with pytest.raises(ValueError, match="does not fit the T2I position table"):
         model.generate(long_prompt, generation_mode="image")
     with pytest.raises(ValueError, match="generation_mode"):
         model.generate(ids, generation_mode="video")
     # a prompt of the other task's layout: said so, not a misleading length error or silent garbage
-    with pytest.raises(ValueError, match="T2I prompts start with <\\|t2i\\|>"):
+    with pytest.raises(ValueError, match="This is an MMU prompt"):
         model.generate(ids, generation_mode="image")
     with pytest.raises(ValueError, match="This is a T2I prompt"):
         model.generate(torch.tensor([t2i_prompt(config, (8, 9))]), max_new_tokens=3)

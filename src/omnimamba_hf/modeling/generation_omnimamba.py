@@ -432,11 +432,11 @@ class OmniMambaGenerationMixin(GenerationMixin):
                              "(processor(text=..., generation_mode='image')).")  # fmt: skip
         if attention_mask is not None and not bool(attention_mask.all()):
             raise ValueError("T2I prompts are fixed-length and unpadded; got an attention_mask with zeros.")
-        if not (bool((input_ids[:, 0] == config.t2i_token_id).all()) and bool((input_ids[:, -1] == config.soi_token_id).all())):
+        if bool((input_ids[:, 0] == config.mmu_token_id).any()):  # the other task's layout (any other ids may be T2I)
             raise ValueError(
-                f"T2I prompts start with <|t2i|> ({config.t2i_token_id}) and end with <|soi|> ({config.soi_token_id}); "
-                f"got one starting with {int(input_ids[0, 0])}. Build them with processor(text=..., "
-                "generation_mode='image') (pipeline('any-to-any'): processor_kwargs={'generation_mode': 'image'})."
+                f"This is an MMU prompt (it starts with <|mmu|>); T2I prompts start with <|t2i|> ({config.t2i_token_id}) "
+                "and end with <|soi|>. Build them with processor(text=..., generation_mode='image') "
+                "(pipeline('any-to-any'): processor_kwargs={'generation_mode': 'image'})."
             )
         batch, prompt_length = input_ids.shape
         n_tokens = config.num_generated_image_tokens

@@ -485,7 +485,8 @@ class OmniMambaModel(OmniMambaPreTrainedModel):
                     "position_ids are required when continuing from cache (the learned position tables need the "
                     "absolute position of each new token)."
                 )
-            if not is_torchdynamo_compiling() and bool((position_ids == 0).any()):
+            # several new tokens at once (not a decode step: no host sync per token)
+            if seq_len > 1 and not is_torchdynamo_compiling() and bool((position_ids == 0).any()):
                 # e.g. generate(input_ids=whole conversation, cache=out.cache): the state already holds the start
                 raise ValueError(
                     "The cache already holds the start of the sequence, but position 0 is fed again. Feed only the "
