@@ -386,6 +386,10 @@ def test_bad_records_are_counted_or_raise(config, processor, data_dir, tmp_path,
         prepare_mmu_dataset(ds, processor, config, on_bad_record="raise", **kw)
     with pytest.raises(BadRecordError, match="all 5 records are unusable"):
         prepare_mmu_dataset(datasets.Dataset.from_list(bad), processor, config, **kw)
+    # multi-image LLaVA records: named as such, not as a missing file
+    several = datasets.Dataset.from_list([{**good, "image": ["img0.png"]}, {**good, "image": ["img0.png", "img1.png"]}])
+    with pytest.raises(BadRecordError, match="a list of images"):
+        prepare_mmu_dataset(several, processor, config, **kw)
 
     # T2I: wrong number of codes, no caption
     t2i = datasets.Dataset.from_list(

@@ -231,6 +231,9 @@ def prepare_mmu_dataset(
         if image is None and not keep_text_only:
             out[_BAD] = "no image (text-only records need keep_text_only=True)"
             return out
+        if isinstance(image, (list, tuple)):  # multi-image LLaVA records: OmniMamba's layout has one image slot
+            out[_BAD] = "a list of images (OmniMamba takes one image per record)"
+            return out
         if check_image_files and isinstance(image, str) and not os.path.exists(resolve_image_path(image, root)):
             out[_BAD] = "missing image file"
             return out
