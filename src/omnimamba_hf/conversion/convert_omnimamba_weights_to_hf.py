@@ -1279,7 +1279,8 @@ def convert_omnimamba_checkpoint(
         raise ValueError(f"{target} already exists; pass --overwrite to replace it.")
     if push_to_hub:
         _check_can_push(push_to_hub)
-    for name, source in (("checkpoint", checkpoint), ("dino", dino), ("siglip", siglip), ("vq", vq), ("tokenizer", tokenizer)):
+    sources = {"checkpoint": checkpoint, "dino": dino, "siglip": siglip, "vq": vq}
+    for name, source in {**sources, "tokenizer": tokenizer}.items():
         if isinstance(source, (str, os.PathLike)) and os.path.exists(source):
             path = Path(source).absolute()
             if path == target or target in path.parents:
@@ -1290,7 +1291,7 @@ def convert_omnimamba_checkpoint(
         original, inputs = checkpoint, {}
     else:
         original = load_original_weights(checkpoint, dino=dino, siglip=siglip, vq=vq)
-        inputs = {name: str(p) for name, p in (("checkpoint", checkpoint), ("dino", dino), ("siglip", siglip), ("vq", vq)) if p}
+        inputs = {name: str(p) for name, p in sources.items() if p}
 
     non_finite = [k for k, v in original.state_dict.items() if v.is_floating_point() and not bool(torch.isfinite(v).all())]
     if non_finite:
@@ -1309,13 +1310,14 @@ def convert_omnimamba_checkpoint(
         mamba_n_groups=mamba_n_groups,
         overrides=config_overrides,
     )
-    geometry = _geometry(config)
-    if geometry != _geometry(OmniMambaConfig()):
+    geometry, released = _geometry(config), _geometry(OmniMambaConfig())
+    if geometry != released:
         # depth is read from the layer indices present, so a checkpoint cut after some layer reads as a smaller model
         logger.warning(
             f"The checkpoint has {geometry['mamba_layers']} Mamba layers, {geometry['dinov2_blocks']} DINOv2 and "
-            f"{geometry['siglip_blocks']} SigLIP blocks; the released OmniMamba-1.3B has 48 / 24 / 27. Fine for "
-            "another model size; if this is meant to be the released checkpoint, it is truncated."
+            f"{geometry['siglip_blocks']} SigLIP blocks; the released OmniMamba-1.3B has "
+            f"{' / '.join(str(n) for n in released.values())}. Fine for another model size; if this is meant to be "
+            "the released checkpoint, it is truncated."
         )
     converted = cast_state_dict(convert_state_dict(original, config, progress=progress), _DTYPES[dtype])
     config.dtype = _DTYPES[dtype]

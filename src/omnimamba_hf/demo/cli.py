@@ -63,11 +63,12 @@ def stale_exported_code(model_dir: str) -> list[str]:
     return stale
 
 
-def refresh_exported_code(model_dir: str) -> None:
+def refresh_exported_code(model_dir: str, stale: list[str]) -> None:
     """Re-save a cached model with this package's code (the weights are unchanged), so that loading it with
-    `trust_remote_code=True` where the package is not installed runs the code that wrote it."""
+    `trust_remote_code=True` where the package is not installed runs the code that wrote it. `stale`: the files
+    `stale_exported_code` named."""
     model, processor = load_model(model_dir, device="cpu")
-    for name in stale_exported_code(model_dir):
+    for name in stale:
         os.remove(os.path.join(model_dir, name))  # modules the package no longer has are not left behind
     model.save_pretrained(model_dir)
     processor.save_pretrained(model_dir)
@@ -147,9 +148,10 @@ def _demo(args) -> int:
     start = time.time()
     if usable and not args.force:
         print(f"Using the cached demo model in {demo_model_dir(output_dir)} (--force retrains).", flush=True)
-        if stale_exported_code(demo_model_dir(output_dir)):
+        stale = stale_exported_code(demo_model_dir(output_dir))
+        if stale:
             print("Its trust_remote_code files are from another version of omnimamba-hf; re-saving them.", flush=True)
-            refresh_exported_code(demo_model_dir(output_dir))
+            refresh_exported_code(demo_model_dir(output_dir), stale)
         train_report = cached
     else:
         if cached is not None and not args.force:

@@ -63,20 +63,18 @@ DECODERS = ("auto", "eager", "static", "cuda_graph")
 _STATIC_TEXT_INPUTS = {
     "input_ids", "attention_mask", "pixel_values", "image_flags", "streamer", "logits_processor", "task", "use_cache",
 }  # fmt: skip
-# GenerationConfig fields the static/graph text loop implements (an allow-list: a field set to anything else, e.g.
-# num_return_sequences, min_p or suppress_tokens, sends the call through GenerationMixin, which implements it).
-_STATIC_TEXT_FIELDS = {
-    "max_new_tokens", "max_length", "do_sample", "temperature", "top_k", "top_p", "repetition_penalty",
-    "eos_token_id", "pad_token_id", "bos_token_id", "return_dict_in_generate", "output_scores", "output_logits",
-    "use_cache", "transformers_version", "_from_model_config",
+# GenerationConfig fields both decode loops implement: the choice, the special ids, what they return.
+_COMMON_FIELDS = {
+    "do_sample", "temperature", "top_k", "top_p", "repetition_penalty", "eos_token_id", "pad_token_id", "bos_token_id",
+    "return_dict_in_generate", "output_scores", "output_logits", "use_cache",
 }  # fmt: skip
+_CONFIG_METADATA = {"transformers_version", "_from_model_config"}  # in every saved config's diff; not options
+# The static/graph text loop's fields (an allow-list: a field set to anything else, e.g. num_return_sequences, min_p
+# or suppress_tokens, sends the call through GenerationMixin, which implements it).
+_STATIC_TEXT_FIELDS = _COMMON_FIELDS | _CONFIG_METADATA | {"max_new_tokens", "max_length"}
 # What image generation implements (it always makes `num_generated_image_tokens` tokens; eos / pad / bos and the MMU
 # length settings of the model's own generation config do not apply to it).
-_IMAGE_FIELDS = {
-    "do_sample", "temperature", "top_k", "top_p", "repetition_penalty", "num_return_sequences",
-    "return_dict_in_generate", "output_scores", "output_logits", "use_cache", "eos_token_id", "pad_token_id",
-    "bos_token_id", "transformers_version", "_from_model_config",
-}  # fmt: skip
+_IMAGE_FIELDS = _COMMON_FIELDS | _CONFIG_METADATA | {"num_return_sequences"}
 
 
 def omnimamba_generation_config(config) -> GenerationConfig:
@@ -88,17 +86,12 @@ def omnimamba_generation_config(config) -> GenerationConfig:
     )
 
 
-def _fields_set(generation_config, kwargs) -> tuple[GenerationConfig, set[str]]:
-    """`(the config with the call's generation kwargs applied, the names of its fields that differ from transformers'
-    defaults and of the kwargs that are not GenerationConfig fields)`."""
+def _plain(generation_config, kwargs) -> bool:
+    """True when the call (its config and kwargs) asks for nothing beyond what the static text loop implements: every
+    config field that differs from transformers' defaults is in the allow-list, and no kwarg is unknown."""
     g = copy.deepcopy(generation_config)
     unknown = g.update(**{k: v for k, v in kwargs.items() if k not in _STATIC_TEXT_INPUTS})
-    return g, set(g.to_diff_dict()) | set(unknown)
-
-
-def _plain(generation_config, kwargs) -> bool:
-    """True when the call (its config and kwargs) asks for nothing beyond what the static text loop implements."""
-    g, fields = _fields_set(generation_config, kwargs)
+    fields = set(g.to_diff_dict()) | set(unknown)
     # num_beams / num_return_sequences == 1 are the defaults written out (e.g. by the pipeline)
     fields -= {name for name in ("num_beams", "num_return_sequences") if (getattr(g, name) or 1) == 1}
     return fields <= _STATIC_TEXT_FIELDS
@@ -466,7 +459,7 @@ class OmniMambaGenerationMixin(GenerationMixin):
         if unsupported:
             raise ValueError(
                 f"Image generation does not support {sorted(unsupported)}: it always makes {n_tokens} image tokens per "
-                f"prompt and implements {sorted(_IMAGE_FIELDS - {'transformers_version', '_from_model_config'})}."
+                f"prompt and implements {sorted(_IMAGE_FIELDS - _CONFIG_METADATA)}."
             )
         copies = g.num_return_sequences or 1
         if copies > 1:

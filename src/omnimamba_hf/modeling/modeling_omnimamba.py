@@ -479,7 +479,8 @@ class OmniMambaModel(OmniMambaPreTrainedModel):
         if not use_cache:
             cache = None
 
-        if cache is not None and cache.has_previous_state():
+        continuing = cache is not None and cache.has_previous_state()
+        if continuing:
             if position_ids is None:
                 raise ValueError(
                     "position_ids are required when continuing from cache (the learned position tables need the "
@@ -494,7 +495,7 @@ class OmniMambaModel(OmniMambaPreTrainedModel):
                     "cache=cache), or position_ids that continue the cached positions."
                 )
         # continuing from a state without images: the new ids were generated, placeholders included (see above)
-        generated_ids = pixel_values is None and cache is not None and cache.has_previous_state()
+        generated_ids = pixel_values is None and continuing
         inputs_embeds, image_hidden_states = self.build_inputs_embeds(
             input_ids, pixel_values, image_flags, position_ids, route, inputs_embeds=inputs_embeds,
             generated_ids=generated_ids,

@@ -119,6 +119,8 @@ def build_datasets(data_args, training_args, model, processor, split: str = "tra
     mmu_format = data_args.mmu_format or (stage.mmu_format if stage and stage.mmu_format else "finetune")
     prefix = "" if split == "train" else "eval_"
     mmu_path, t2i_path = getattr(data_args, f"{prefix}mmu_data"), getattr(data_args, f"{prefix}t2i_data")
+    # --max_*_samples cut the training data only
+    max_mmu, max_t2i = (data_args.max_mmu_samples, data_args.max_t2i_samples) if split == "train" else (None, None)
     if split != "train" and not (mmu_path or t2i_path):
         return None, mmu_format
     mmu = t2i = None
@@ -127,8 +129,8 @@ def build_datasets(data_args, training_args, model, processor, split: str = "tra
             if not mmu_path:
                 raise ValueError("per_device_mmu_batch_size > 0 but no --mmu_data was given.")
             mmu = load_llava_dataset(mmu_path, cache_dir=data_args.dataset_cache_dir)
-            if data_args.max_mmu_samples and split == "train":
-                mmu = mmu.select(range(min(data_args.max_mmu_samples, len(mmu))))
+            if max_mmu:
+                mmu = mmu.select(range(min(max_mmu, len(mmu))))
             mmu = prepare_mmu_dataset(
                 mmu,
                 processor,
@@ -146,8 +148,8 @@ def build_datasets(data_args, training_args, model, processor, split: str = "tra
                 raise ValueError("per_device_t2i_batch_size > 0 but no --t2i_data was given.")
             if data_args.t2i_image_root:  # COCO captions + images: VQ-tokenise once (cached)
                 raw = load_coco_captions(t2i_path, data_args.t2i_image_root)
-                if data_args.max_t2i_samples and split == "train":
-                    raw = raw.select(range(min(data_args.max_t2i_samples, len(raw))))
+                if max_t2i:
+                    raw = raw.select(range(min(max_t2i, len(raw))))
                 vq = model.get_base_model().model.vqmodel if hasattr(model, "get_base_model") else model.model.vqmodel
                 device, home = training_args.device, next(vq.parameters()).device
                 cache_file = data_args.vq_cache_file
@@ -166,8 +168,8 @@ def build_datasets(data_args, training_args, model, processor, split: str = "tra
                 vq.to(home)  # the Trainer places the whole model later
             else:
                 t2i = load_t2i_dataset(t2i_path)
-                if data_args.max_t2i_samples and split == "train":
-                    t2i = t2i.select(range(min(data_args.max_t2i_samples, len(t2i))))
+                if max_t2i:
+                    t2i = t2i.select(range(min(max_t2i, len(t2i))))
             t2i = prepare_t2i_dataset(
                 t2i, config, on_bad_record=data_args.on_bad_record, num_proc=data_args.preprocessing_num_workers
             )

@@ -27,6 +27,11 @@ from .stages import STAGES, get_stage, stage_training_defaults
 logger = logging.getLogger(__name__)
 
 
+def _no_stage(value) -> bool:
+    """`--stage none` (or `stage: null` / `''` in the YAML): no preset, whatever the YAML file says."""
+    return value is None or str(value).strip().lower() in ("", "none", "null")
+
+
 @dataclass
 class ModelArguments:
     model_name_or_path: str | None = field(
@@ -127,8 +132,8 @@ class OmniMambaTrainingArguments(TrainingArguments):
     remove_unused_columns: bool = field(default=False, metadata={"help": "Kept False: the collator needs raw records."})
 
     def __post_init__(self):
-        if isinstance(self.stage, str) and self.stage.strip().lower() in ("", "none", "null"):
-            self.stage = None  # `--stage none` clears a stage set in the YAML file
+        if _no_stage(self.stage):
+            self.stage = None
         defaults = {f.name: f.default for f in fields(self) if f.name.startswith("per_device_")}
         if self.stage is not None:
             preset = get_stage(self.stage)
@@ -234,8 +239,8 @@ def parse_training_args(argv: list[str] | None = None) -> tuple[ModelArguments, 
     values = load_yaml_config(known.config) if known.config else {}
     if known.stage is not None:
         values["stage"] = known.stage
-    if str(values.get("stage", "")).strip().lower() in ("none", "null"):
-        values["stage"] = None  # `--stage none`: no preset, whatever the YAML says (e.g. a LoRA run)
+    if "stage" in values and _no_stage(values["stage"]):
+        values["stage"] = None  # e.g. a LoRA run from a stage's YAML file
     unknown = sorted(set(values) - field_names())
     if unknown:
         raise ValueError(f"Unknown training config keys {unknown} in {known.config}.")
